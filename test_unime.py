@@ -1,0 +1,620 @@
+"""The specification of the method, as tests. Each derives its expectation independently of the
+code under test: brute force, a hand-derived value, or a second reference computation.
+
+    pytest -q test_unime.py            # fast suite, offline, 2 CPU cores
+    pytest -q -m slow test_unime.py    # the longer end-to-end runs
+"""
+import csv
+import json
+import math
+import os
+import random
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import distill
+import hardneg
+import model as M
+import train
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "mllm"
+    return str(M.build_tiny_mllm(str(path), data.corpus(), seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path):
+    return M.load_mllm(tiny_path)
+
+
+def scene_images(scenes, seed=0):
+    rng = random.Random(seed)
+    return [data.draw(s, rng) for s in scenes]
+
+
+# ---------------------------------------------------------------- §3.1 last-token pooling
+
+@pytest.mark.parametrize("side", ["left", "right", "none"])
+def test_last_token_pool_matches_brute_force(side):
+    g = torch.Generator().manual_seed(0)
+    n, L, d = 7, 9, 5
+    hidden = torch.randn(n, L, d, generator=g)
+    lengths = torch.randint(1, L + 1, (n,), generator=g) if side != "none" else torch.full((n,), L)
+    mask = torch.zeros(n, L, dtype=torch.long)
+    for i, m in enumerate(lengths.tolist()):
+        if side == "right":
+            mask[i, :m] = 1
+        else:
+            mask[i, L - m:] = 1
+    pooled = M.last_token_pool(hidden, mask)
+    for i in range(n):
+        last = max(j for j in range(L) if mask[i, j] == 1)  # brute force: scan for the last 1
+        assert torch.equal(pooled[i], hidden[i, last])
+
+
+def test_embedding_equals_full_model_last_layer_at_pooled_position(tiny):
+    model, processor, family = tiny
+    batch = M.process(processor, family, texts=["a red circle", "a big blue square above a "
+                                                "small green cross"])
+    with torch.no_grad():
+        e = M.embed(model, batch)
+        full = model(**batch, output_hidden_states=True).hidden_states[-1]
+    # left padding: the official code's hidden_states[-1][:, -1] is the last real token
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][:, -1].all()
+    assert torch.allclose(e, F.normalize(full[:, -1], dim=-1), atol=1e-5)
+    assert torch.allclose(e.norm(dim=-1), torch.ones(2))
+
+
+def test_prompts_are_the_official_strings():
+    assert M.format_prompt("phi3_v", image=True) == \
+        "<|user|>\n<|image_1|>\nSummary above image in one word:<|end|>\n<|assistant|>\n"
+    assert M.format_prompt("phi3_v", text="A cat.") == \
+        "<|user|>\nA cat.\nSummary above sentence in one word:<|end|>\n<|assistant|>\n"
+    assert M.format_prompt("llava_next", image=True) == \
+        "[INST] <image>\nSummary above image in one word: [/INST]"
+    assert M.format_prompt("llava_next", text="A cat.") == \
+        "[INST] A cat.\nSummary above sentence in one word: [/INST]"
+    # MMEB's hard-coded Phi-3 token becomes the family's own
+    assert M.format_prompt("llava", image=True, instruction="<|image_1|> Represent it.") == \
+        "USER: <image> Represent it. ASSISTANT:"
+
+
+# ---------------------------------------------------------------- §3.2 Eq. 2 distillation
+
+def kl_rows_by_hand(sa, sp, ta, tp, tau, direction):
+    """Eq. 2 with python loops: per row, softmax over the batch, KL, summed, divided by n."""
+    n = len(sa)
+    total = 0.0
+    for i in range(n):
+        s = [float(sa[i] @ sp[j]) / tau for j in range(n)]
+        t = [float(ta[i] @ tp[j]) / tau for j in range(n)]
+        zs, zt = sum(math.exp(x) for x in s), sum(math.exp(x) for x in t)
+        ps, pt = [math.exp(x) / zs for x in s], [math.exp(x) / zt for x in t]
+        p, q = (pt, ps) if direction == "teacher-student" else (ps, pt)
+        total += sum(a * math.log(a / b) for a, b in zip(p, q))
+    return total / n
+
+
+def unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
+                                   dtype=torch.float64), dim=-1)
+
+
+@pytest.mark.parametrize("direction", ["teacher-student", "student-teacher"])
+def test_kd_loss_equals_per_row_loop(direction):
+    sa, sp, ta, tp = unit(6, 8, seed=1), unit(6, 8, seed=2), unit(6, 3, seed=3), unit(6, 3, seed=4)
+    got = distill.kd_loss(sa, sp, ta, tp, tau=0.05, direction=direction)
+    assert got.item() == pytest.approx(kl_rows_by_hand(sa, sp, ta, tp, 0.05, direction), rel=1e-9)
+
+
+def test_kd_loss_is_zero_when_similarity_structures_match():
+    # a different dimension and a rotation change the vectors but not one cosine
+    s = unit(10, 6, seed=5)
+    q, _ = torch.linalg.qr(torch.randn(9, 9, dtype=torch.float64))
+    t = torch.cat([s, torch.zeros(10, 3, dtype=torch.float64)], 1) @ q
+    for direction in ("teacher-student", "student-teacher"):
+        assert distill.kd_loss(s, s.flip(0), t, t.flip(0), 0.05, direction).item() < 1e-12
+    assert distill.kd_loss(s, s.flip(0), unit(10, 9, seed=6), unit(10, 9, seed=7)).item() > 0.1
+
+
+def test_kd_gradient_moves_student_toward_teacher():
+    sa, sp = unit(8, 16, seed=8).requires_grad_(), unit(8, 16, seed=9)
+    ta, tp = unit(8, 4, seed=10), unit(8, 4, seed=11)
+    tau = 0.1
+    loss = distill.kd_loss(sa, sp, ta, tp, tau)
+    loss.backward()
+    stepped = F.normalize(sa.detach() - 0.05 * sa.grad, dim=-1)
+    pt = F.softmax(ta @ tp.T / tau, -1)
+    dist = lambda a: (F.softmax(a @ sp.T / tau, -1) - pt).abs().sum()  # noqa: E731
+    assert dist(stepped) < dist(sa.detach())
+
+
+def test_kd_hard_negatives_are_extra_columns():
+    sa, sp, sn = unit(5, 8, seed=12), unit(5, 8, seed=13), unit(5, 8, seed=14)
+    ta, tp, tn = unit(5, 6, seed=15), unit(5, 6, seed=16), unit(5, 6, seed=17)
+    got = distill.kd_loss(sa, sp, ta, tp, 0.05, student_neg=sn, teacher_neg=tn).item()
+    # by hand: the columns are the 5 positives and then the 5 negatives
+    s = (sa @ torch.cat([sp, sn]).T / 0.05).log_softmax(-1)
+    t = (ta @ torch.cat([tp, tn]).T / 0.05).log_softmax(-1)
+    assert got == pytest.approx(sum((t[i].exp() * (t[i] - s[i])).sum().item()
+                                    for i in range(5)) / 5, rel=1e-9)
+
+
+# ---------------------------------------------------------------- LoRA
+
+def test_lora_zero_init_then_merge_gives_same_outputs():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    x = torch.randn(3, 6)
+    ref = net(x)
+    M.inject_lora(net, r=2, alpha=4, dropout=0.0, suffixes=("0", "2"))
+    assert isinstance(net[0], M.LoRALinear)
+    assert torch.allclose(net(x), ref)  # B = 0: the adapter starts as the identity
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, M.LoRALinear):
+                m.lora_B.normal_()
+    adapted = net(x)
+    # by hand: W x + b + alpha/r * B A x for the first layer
+    l0 = net[0]
+    h = x @ (l0.base.weight + 2.0 * l0.lora_B @ l0.lora_A).T + l0.base.bias
+    l2 = net[2]
+    expect = F.relu(h) @ (l2.base.weight + 2.0 * l2.lora_B @ l2.lora_A).T + l2.base.bias
+    assert torch.allclose(adapted, expect, atol=1e-5)
+    M.merge_lora(net)
+    assert isinstance(net[0], nn.Linear) and not isinstance(net[0], M.LoRALinear)
+    assert torch.allclose(net(x), adapted, atol=1e-5)
+
+
+def test_stage1_lora_trains_only_adapters_on_the_llm(tiny_path):
+    model, processor, family = M.load_mllm(tiny_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrapped = M.inject_lora(model, r=4, alpha=8, dropout=0.0)
+    assert wrapped and all("language_model" in n for n in wrapped)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    batch = M.process(processor, family, texts=["a red circle", "a small blue cross"])
+    M.embed(model, batch).sum().backward()
+    with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert set(with_grad) <= set(trainable) and any("lora_A" in n for n in with_grad)
+    assert not any("vision_tower" in n or "projector" in n for n in with_grad)
+    # saving keeps only the adapter, and loading it into a fresh copy reproduces the model
+    state = M.lora_state_dict(model)
+    assert set(state) == set(trainable)
+    with torch.no_grad():
+        for p in trainable:
+            model.get_parameter(p).normal_(std=0.1)
+    state = M.lora_state_dict(model)
+    fresh = M.load_mllm(tiny_path)[0]
+    M.inject_lora(fresh, r=4, alpha=8, dropout=0.0)
+    M.load_lora(fresh, state)
+    with torch.no_grad():
+        assert torch.allclose(M.embed(fresh, batch), M.embed(model, batch), atol=1e-6)
+    # the frozen weights were never touched
+    assert all(torch.equal(v, fresh.state_dict()[k.replace("proj.", "proj.base.")])
+               for k, v in before.items() if "language_model" in k and "proj" in k)
+
+
+# ---------------------------------------------------------------- §4 GradCache
+
+def test_gradcache_equals_full_batch_gradients(tiny_path):
+    """fp32, LoRA dropout on: chunks of 3 must give the gradients of one batch of 8."""
+    texts = [data.caption(s) for s in data.split_scenes(0)["test"][:16]]
+    teacher = unit(16, 5, seed=20).float()
+    model, processor, family = M.load_mllm(tiny_path)
+    M.inject_lora(model, r=4, alpha=8, dropout=0.3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, M.LoRALinear):
+                m.lora_B.normal_(std=0.1)
+    model.train()
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_fn(a, p):
+        return distill.kd_loss(a, p, teacher[:8], teacher[8:], 0.05)
+
+    # reference: one full-batch forward and backward, with the dropout masks drawn in order
+    torch.manual_seed(123)
+    full_a = M.embed(model, M.process(processor, family, texts=texts[:8]))
+    full_p = M.embed(model, M.process(processor, family, texts=texts[8:]))
+    loss_fn(full_a, full_p).backward()
+    ref = [p.grad.clone() for p in lora]
+    for p in lora:
+        p.grad = None
+    # gradcache with chunks of 3 (padding follows each chunk; dropout masks differ per chunk,
+    # so compare against a reference that embeds the same chunks with the same masks)
+    groups = {k: [M.process(processor, family, texts=c) for c in train.chunked(ts, 3)]
+              for k, ts in (("a", texts[:8]), ("p", texts[8:]))}
+    torch.manual_seed(123)
+    chunk_ref = {k: torch.cat([M.embed(model, c) for c in cs]) for k, cs in groups.items()}
+    loss_fn(**chunk_ref).backward()
+    ref_chunks = [p.grad.clone() for p in lora]
+    for p in lora:
+        p.grad = None
+    torch.manual_seed(123)
+    loss, _ = train.gradcache_step(lambda b: M.embed(model, b), groups, loss_fn, "cpu")
+    for g, r in zip([p.grad for p in lora], ref_chunks):
+        assert torch.allclose(g, r, atol=1e-6, rtol=1e-4)
+    assert any(not torch.allclose(a, b) for a, b in zip(ref, ref_chunks))  # dropout was on
+    assert loss.item() == pytest.approx(loss_fn(**chunk_ref).item(), rel=1e-5)
+
+
+def test_gradcache_without_dropout_equals_unchunked_batch(tiny_path):
+    texts = [data.caption(s) for s in data.split_scenes(0)["test"][:12]]
+    teacher = unit(12, 5, seed=21).float()
+    model, processor, family = M.load_mllm(tiny_path)
+    M.inject_lora(model, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, M.LoRALinear):
+                m.lora_B.normal_(std=0.1)
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_fn(a, p):
+        return distill.kd_loss(a, p, teacher[:6], teacher[6:], 0.05)
+    loss_fn(M.embed(model, M.process(processor, family, texts=texts[:6])),
+            M.embed(model, M.process(processor, family, texts=texts[6:]))).backward()
+    ref = [p.grad.clone() for p in lora]
+    for p in lora:
+        p.grad = None
+    groups = {k: [M.process(processor, family, texts=c) for c in train.chunked(ts, 4)]
+              for k, ts in (("a", texts[:6]), ("p", texts[6:]))}
+    train.gradcache_step(lambda b: M.embed(model, b), groups, loss_fn, "cpu")
+    for p, r in zip(lora, ref):
+        assert torch.allclose(p.grad, r, atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the teacher cache
+
+def test_teacher_cache_refuses_other_texts_or_teacher(tmp_path):
+    path = str(tmp_path / "cache.pt")
+    texts = ["a red circle", "a big blue square"]
+    emb = F.normalize(torch.randn(2, 4), dim=-1)
+    distill.save_atomic({"teacher": "T", "texts_hash": distill.texts_hash(texts), "n": 2,
+                         "embeddings": emb}, path)
+    assert torch.equal(distill.load_teacher_cache(path, texts, "T"), emb)
+    with pytest.raises(ValueError, match="other texts"):
+        distill.load_teacher_cache(path, ["a red circle", "a big blue cross"], "T")
+    with pytest.raises(ValueError, match="made by 'T'"):
+        distill.load_teacher_cache(path, texts, "U")
+    assert os.listdir(tmp_path) == ["cache.pt"]  # no temporary file left behind
+
+
+def test_teacher_rows_follow_sample_ids_not_batch_order():
+    rows = [{"sent0": "a", "sent1": "b"}, {"sent0": "c", "sent1": "a"}]
+    texts, index = distill.unique_texts(rows, ("sent0", "sent1"))
+    assert texts == ["a", "b", "c"] and [index[r["sent1"]] for r in rows[::-1]] == [0, 1]
+
+
+def test_real_teacher_embeds_paraphrases_closer():
+    model, tok = distill.load_teacher()
+    e = distill.teacher_embed(model, tok, ["a small red circle", "a little red circle",
+                                           "a large blue square"])
+    assert e.shape == (3, 384) and torch.allclose(e.norm(dim=-1), torch.ones(3))
+    assert e[0] @ e[1] > e[0] @ e[2]
+
+
+# ---------------------------------------------------------------- the tiny MLLM
+
+def test_tiny_model_reloads_through_auto_classes_and_embeds(tiny_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path)
+    processor = AutoProcessor.from_pretrained(tiny_path)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert 100_000 < M.count_parameters(model) < 500_000
+    scenes = data.split_scenes(0)["test"][:4]
+    e_img = M.encode(model, processor, "llava", images=scene_images(scenes))
+    e_txt = M.encode(model, processor, "llava", texts=[data.caption(s) for s in scenes])
+    assert e_img.shape == e_txt.shape == (4, 64)
+    # deterministic from the seed
+    again = M.build_tiny_mllm(os.path.join(os.path.dirname(tiny_path), "again"), data.corpus())
+    m2 = AutoModelForImageTextToText.from_pretrained(again)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  m2.state_dict().values()))
+
+
+def test_stage0_lowers_heldout_answer_loss(tiny_path, tmp_path, monkeypatch):
+    def heldout_loss(path):
+        model, processor, family = M.load_mllm(path)
+        scenes = data.split_scenes(0)["test"][:30]
+        image_rows, text_rows = train.stage0_batches(scenes, range(30), 0, 0)
+        with torch.no_grad():
+            return sum(model(**train.lm_batch(processor, family, *zip(*part), "cpu")).loss.item()
+                       for part in (image_rows, text_rows))
+    before = heldout_loss(tiny_path)
+    out = str(tmp_path / "stage0")
+    monkeypatch.setattr(train, "TOY_BASE", tiny_path)
+    train.main(["--stage", "0", "--max-steps", "60", "--out", out])
+    assert heldout_loss(out) < 0.5 * before
+
+
+# ---------------------------------------------------------------- stage 1 end to end
+
+def test_short_stage1_run_lowers_loss_and_raises_agreement(tiny_path, tmp_path):
+    rows = data.toy_text_pairs(data.split_scenes(0)["train"], 330, seed=0)
+    nli = tmp_path / "nli.csv"
+    with open(nli, "w", newline="") as f:
+        w = csv.DictWriter(f, ["sent0", "sent1", "hard_neg"])
+        w.writeheader()
+        w.writerows(rows)
+    out = str(tmp_path / "stage1")
+    before, after = train.main(["--stage", "1", "--model", tiny_path, "--data", str(nli),
+                                "--out", out, "--max-steps", "40", "--batch-size", "32",
+                                "--chunk-size", "16", "--lr", "3e-3", "--warmup", "5",
+                                "--teacher-cache", str(tmp_path / "t.pt")])
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.7 * first
+    assert after["spearman"] > before["spearman"] + 0.1
+    # the output folder is a model: it reloads with the adapter merged
+    model, processor, family = M.load_embedder(out)
+    assert not any(isinstance(m, M.LoRALinear) for m in model.modules())
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_malformed_nli_row_names_file_and_row(tmp_path):
+    bad = tmp_path / "nli.csv"
+    bad.write_text("sent0,sent1,hard_neg\na cat,a feline,a dog\nonly one,,\n")
+    with pytest.raises(ValueError, match=r"nli.csv, row 3"):
+        data.read_nli(str(bad))
+    bad_json = tmp_path / "nli.jsonl"
+    bad_json.write_text('{"sent0": "a", "sent1": "b"}\n{"sent0": "a"\n')
+    with pytest.raises(ValueError, match=r"nli.jsonl, line 2"):
+        data.read_nli(str(bad_json))
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"sent0": "a", "sent1": "b"}\n')
+    assert data.read_nli(str(good)) == [{"sent0": "a", "sent1": "b"}]
+
+
+def test_empty_text_and_unknown_family_are_clear_errors():
+    with pytest.raises(ValueError, match="empty text"):
+        M.format_prompt("llava", text="   ")
+    with pytest.raises(ValueError, match="unknown backbone family 'gpt2'"):
+        M.format_prompt("gpt2", text="a cat")
+
+
+# ---------------------------------------------------------------- §3.3 stage 2: hard negatives
+
+
+def _unit(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+
+
+def _candidates(sim, i, beta):
+    # §3.3.1 / Eq. 3 written out: every j that is not the positive and not above S_ii + β
+    s = sim.tolist()
+    return [j for j in range(len(s[i])) if j != i and not s[i][j] > s[i][i] + beta]
+
+
+def _reference_loss(q, c, k, beta, tau):
+    # Eq. 4 row by row in torch (so autograd gives a reference gradient); selection in python
+    sim = q @ c.T
+    rows = []
+    for i in range(len(q)):
+        cands = sorted(_candidates(sim.detach(), i, beta), key=lambda j: -sim[i, j].item())[:k]
+        logits = torch.stack([sim[i, i]] + [sim[i, j] for j in cands]) / tau
+        rows.append(-(logits[0] - torch.logsumexp(logits, dim=0)))
+    return torch.stack(rows).mean()
+
+
+# ---- §3.3.1 false-negative filter ----
+
+def test_false_negative_mask_matches_brute_force():
+    for n_q, n_c, beta in [(7, 7, 0.1), (5, 9, 0.0), (6, 6, -0.2), (4, 10, 0.3)]:
+        sim = torch.rand(n_q, n_c, generator=torch.Generator().manual_seed(n_c)) * 2 - 1
+        got = hardneg.false_negative_mask(sim, beta)
+        s = sim.tolist()
+        want = [[j != i and s[i][j] > s[i][i] + beta for j in range(n_c)] for i in range(n_q)]
+        assert got.dtype == torch.bool and got.tolist() == want
+
+
+def test_false_negative_threshold_is_strict():
+    # S_ii = 0.5, β = 0.125: the threshold 0.625 is exact in float32
+    sim = torch.tensor([[0.5, 0.625, 0.6251, 0.6249],
+                        [0.0, 0.5, 0.0, 0.0]])
+    got = hardneg.false_negative_mask(sim, 0.125)
+    assert got[0].tolist() == [False, False, True, False]  # equal is kept, just above is not
+    assert not got[1].any()
+
+
+def test_negative_beta_flags_near_misses_but_never_the_positive():
+    sim = torch.tensor([[0.5, 0.3, 0.2],
+                        [0.9, 0.8, 0.1],
+                        [0.0, 0.0, 0.0]])
+    got = hardneg.false_negative_mask(sim, -0.25)  # threshold S_ii - 0.25
+    assert got.tolist() == [[False, True, False],  # 0.3 > 0.25, 0.2 is not
+                            [True, False, False],  # 0.9 > 0.55
+                            [True, True, False]]  # 0 > -0.25, diagonal never flagged
+    assert not hardneg.false_negative_mask(sim, -10.0).diagonal().any()
+
+
+# ---- Eq. 3 hard-negative selection ----
+
+@pytest.mark.parametrize("negatives", ["hard", "easy"])
+@pytest.mark.parametrize("n_q,n_c", [(8, 8), (5, 9)])
+def test_topk_matches_sorted_valid_candidates(negatives, n_q, n_c):
+    k, beta = 3, 0.05
+    sim = torch.rand(n_q, n_c, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    idx, valid = hardneg.hard_negative_topk(sim, k, beta, negatives)
+    assert idx.shape == valid.shape == (n_q, k) and idx.dtype == torch.long
+    some_filtered = False
+    for i in range(n_q):
+        cands = _candidates(sim, i, beta)
+        some_filtered |= len(cands) < n_c - 1
+        order = sorted(cands, key=lambda j: sim[i, j].item(), reverse=negatives == "hard")
+        want = order[:k]
+        assert valid[i].tolist() == [True] * len(want) + [False] * (k - len(want))
+        assert idx[i][valid[i]].tolist() == want
+    assert some_filtered  # the example exercises the filter
+
+
+def test_random_negatives_are_distinct_valid_and_cover_the_candidates():
+    n, k, beta = 6, 2, 0.05
+    sim = torch.rand(n, n, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(0)
+    seen = [set() for _ in range(n)]
+    for _ in range(100):
+        idx, valid = hardneg.hard_negative_topk(sim, k, beta, "random", generator=g)
+        for i in range(n):
+            cands = _candidates(sim, i, beta)
+            picks = idx[i][valid[i]].tolist()
+            assert len(picks) == min(k, len(cands)) == len(set(picks))
+            assert set(picks) <= set(cands)
+            seen[i] |= set(picks)
+    assert all(seen[i] == set(_candidates(sim, i, beta)) for i in range(n))
+
+
+def test_batch_smaller_than_k_plus_one():
+    sim = torch.tensor([[0.9, 0.1, 0.2],
+                        [0.3, 0.8, 0.4],
+                        [0.5, 0.6, 0.7]])
+    idx, valid = hardneg.hard_negative_topk(sim, k=8, beta=0.1)
+    assert idx.shape == (3, 8) and ((idx >= 0) & (idx < 3)).all()
+    assert valid.sum(1).tolist() == [2, 2, 2]  # only the two other candidates exist
+    assert idx[0, :2].tolist() == [2, 1] and idx[1, :2].tolist() == [2, 0]
+    assert idx[2, :2].tolist() == [1, 0]
+
+
+def test_row_with_every_candidate_filtered_has_no_valid_pick():
+    sim = torch.tensor([[0.1, 0.5, 0.6],  # positive far below both candidates
+                        [0.2, 0.9, 0.3],
+                        [0.0, 0.1, 0.8]])
+    for negatives in ["hard", "easy", "random"]:
+        _, valid = hardneg.hard_negative_topk(sim, 2, 0.1, negatives, torch.Generator())
+        assert valid.tolist() == [[False, False], [True, True], [True, True]]
+
+
+# ---- Eq. 4 loss ----
+
+def test_loss_is_log_one_plus_k_when_all_similarities_are_equal():
+    n, k = 10, 4
+    q = F.normalize(torch.ones(n, 16), dim=-1)  # identical rows: every S_ij = 1
+    loss = hardneg.hardneg_loss(q, q.clone(), k=k, beta=0.0, tau=0.02)
+    assert loss.item() == pytest.approx(math.log(1 + k), rel=1e-5)
+
+
+@pytest.mark.parametrize("n_c", [12, 16])
+def test_loss_matches_brute_force_eq4(n_c):
+    n_q, k, beta, tau = 12, 8, 0.1, 0.05
+    q, c = _unit(n_q, 4, 3), _unit(n_c, 4, 4)
+    c[:n_q] = F.normalize(0.3 * q + c[:n_q], dim=-1)  # positives weakly tied to their query
+    sim = (q @ c.T).tolist()
+    want = 0.0
+    n_short = n_full = 0
+    for i in range(n_q):  # Eq. 4 in plain python floats
+        cands = sorted(_candidates(q @ c.T, i, beta), key=lambda j: -sim[i][j])[:k]
+        n_short += len(cands) < k
+        n_full += len(_candidates(q @ c.T, i, beta)) > k
+        den = math.exp(sim[i][i] / tau) + sum(math.exp(sim[i][j] / tau) for j in cands)
+        want += -math.log(math.exp(sim[i][i] / tau) / den) / n_q
+    got = hardneg.hardneg_loss(q, c, k=k, beta=beta, tau=tau)
+    assert got.item() == pytest.approx(want, rel=1e-9)
+    assert n_short > 0 and n_full > 0  # rows with fewer than k negatives, rows truncated to k
+
+
+def test_row_without_valid_negatives_gives_zero_and_finite_gradients():
+    # S = [[0, 1], [1, 0]]: each query's only candidate is a false negative
+    q = torch.tensor([[0.0, 1.0], [1.0, 0.0]], requires_grad=True)
+    c = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    loss = hardneg.hardneg_loss(q, c, k=8, beta=0.1, tau=0.02)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(q.grad).all() and torch.isfinite(c.grad).all()
+    assert (q.grad == 0).all() and (c.grad == 0).all()
+
+
+def test_gradients_match_autograd_on_brute_force_reference():
+    n, k, beta, tau = 10, 3, 0.05, 0.1
+    q0, c0 = _unit(n, 5, 5), _unit(n, 5, 6)
+    c0 = F.normalize(q0 + c0, dim=-1)
+    q1, c1 = q0.clone().requires_grad_(), c0.clone().requires_grad_()
+    hardneg.hardneg_loss(q1, c1, k=k, beta=beta, tau=tau).backward()
+    q2, c2 = q0.clone().requires_grad_(), c0.clone().requires_grad_()
+    _reference_loss(q2, c2, k, beta, tau).backward()
+    torch.testing.assert_close(q1.grad, q2.grad)
+    torch.testing.assert_close(c1.grad, c2.grad)
+
+
+def test_stats_on_hand_made_example():
+    # q = I, so S = q cᵀ = cᵀ: choose S, set c = Sᵀ. k = 1, β = 0.1, τ = 0.1
+    S = torch.tensor([[0.5, 0.7, 0.2],  # 0.7 > 0.6 filtered, negative 0.2
+                      [0.1, 0.9, 0.3],  # nothing above 1.0, hardest 0.3
+                      [0.8, 0.9, 0.4]], dtype=torch.float64)  # both filtered, no negative
+    loss, stats = hardneg.hardneg_loss(torch.eye(3, dtype=torch.float64), S.T, k=1, beta=0.1,
+                                       tau=0.1, return_stats=True)
+    # rows: log(1 + e^{(0.2-0.5)/0.1}), log(1 + e^{(0.3-0.9)/0.1}), 0
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-3)) + math.log1p(math.exp(-6))) / 3)
+    assert stats["false_negative_share"] == pytest.approx(2 / 3)
+    assert stats["valid_negatives"] == pytest.approx(2 / 3)
+    assert stats["pos_sim"] == pytest.approx(0.6)
+    assert stats["hardneg_sim"] == pytest.approx(0.25)
+    assert stats["random_pair_cos"] == pytest.approx((0.7 + 0.2 + 0.1 + 0.3 + 0.8 + 0.9) / 6)
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+# ---- several GPUs: two CPU processes with gloo ----
+
+N_LOCAL, D_IN, D_OUT, WORLD = 4, 6, 5, 2
+KW = dict(k=3, beta=0.05, tau=0.1)
+
+
+def _batch_and_encoder():
+    # same seed on every rank: the global batch and identical encoder weights
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(D_IN, D_OUT).double()
+    xq = torch.randn(WORLD * N_LOCAL, D_IN, dtype=torch.float64)
+    xc = xq + 0.7 * torch.randn(WORLD * N_LOCAL, D_IN, dtype=torch.float64)
+    return enc, xq, xc
+
+
+def _ddp_worker(rank, init_file, out_file):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=WORLD, timeout=timedelta(seconds=60))
+    enc, xq, xc = _batch_and_encoder()
+    shard = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    q = F.normalize(enc(xq[shard]), dim=-1)
+    c = F.normalize(enc(xc[shard]), dim=-1)
+    loss = hardneg.distributed_hardneg_loss(q, c, **KW)
+    loss.backward()
+    grad = enc.weight.grad.clone()
+    torch.distributed.all_reduce(grad)  # what DDP does: average over ranks
+    grad /= WORLD
+    if rank == 0:
+        torch.save({"loss": loss.item() / WORLD, "grad": grad}, out_file)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gather_gives_the_single_process_global_batch_gradient(tmp_path):
+    ctx = torch.multiprocessing.get_context("spawn")
+    out_file = tmp_path / "rank0.pt"
+    procs = [ctx.Process(target=_ddp_worker, args=(r, str(tmp_path / "init"), str(out_file)))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    got = torch.load(out_file)
+
+    enc, xq, xc = _batch_and_encoder()  # one process, the whole batch
+    loss = hardneg.hardneg_loss(F.normalize(enc(xq), dim=-1), F.normalize(enc(xc), dim=-1), **KW)
+    loss.backward()
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(got["grad"], enc.weight.grad)

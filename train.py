@@ -1,0 +1,393 @@
+"""Training: a hand-written loop with GradCache, for UniME's two stages (and the toy's stage 0).
+
+  python train.py --stage 0   # toy only, NOT UniME: next-token pretraining of the tiny MLLM
+  python train.py --stage 1   # §3.2 textual discriminative knowledge distillation
+  python train.py --stage 2   # §3.3 hard-negative enhanced instruction tuning
+
+With no other argument each stage runs the embedded default (tiny LLaVA, shapes world,
+all-MiniLM-L6-v2 teacher) and first runs the stages before it when their output is missing.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+
+import torch
+
+import data
+import distill
+import model as M
+
+STAGE_DEFAULTS = {  # the embedded default: minutes on 2 CPU cores
+    0: dict(out="runs/stage0", max_steps=1500, batch_size=60, chunk_size=60, lr=3e-3, warmup=50),
+    1: dict(out="runs/stage1", max_steps=300, batch_size=64, chunk_size=32, lr=1e-3, warmup=20,
+            lora_r=16, lora_alpha=32, lora_dropout=0.05, tau=0.05),
+}
+PRESETS = {"paper": {  # SPEC §7; stage-1 epochs, not steps: 2 epochs of the NLI pairs
+    1: dict(batch_size=768, chunk_size=64, lr=5e-4, lora_r=32, lora_alpha=64, lora_dropout=0.05,
+            epochs=2, warmup=20, teacher="nvidia/NV-Embed-v2", teacher_pooling="nv-embed",
+            model="microsoft/Phi-3.5-vision-instruct", trust_remote_code=True, save_every=100),
+}}
+TOY_BASE, TOY_STAGE0 = "runs/tiny-base", "runs/stage0"
+
+
+# ---------------------------------------------------------------- the pieces of the loop
+
+def lr_at(step, lr, warmup, max_steps, min_ratio=0.1):
+    """Linear warmup, then cosine decay to min_ratio * lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_rows(step, n_rows, batch_size, seed):
+    """Row ids of a step: one seeded permutation per epoch, so the data position is a function
+    of the step and a resumed run sees exactly the batches it would have seen."""
+    per_epoch = n_rows // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} is larger than the data ({n_rows} rows)")
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[i * batch_size:(i + 1) * batch_size].tolist()
+
+
+def _rng_state(device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def gradcache_step(embed_fn, groups, loss_fn, device):
+    """One large-batch step with memory that follows the chunk (SPEC §4, Gao et al. 2021).
+    groups: {name: [chunk inputs, ...]}; embed_fn(chunk) -> (c, d); loss_fn(**{name: (n, d)})
+    -> scalar. Leaves in .grad exactly the parameter gradients of one full-batch step."""
+    device = torch.device(device)
+    # 1. embed every chunk without building a graph; remember the RNG state before each
+    states, reps, sizes = {}, {}, {}
+    with torch.no_grad():
+        for name, chunks in groups.items():
+            states[name], outs = [], []
+            for chunk in chunks:
+                states[name].append(_rng_state(device))
+                outs.append(embed_fn(chunk))
+            sizes[name] = [len(o) for o in outs]
+            reps[name] = torch.cat(outs).detach().requires_grad_()
+    # 2. the loss of the whole batch, and its gradient at every embedding
+    loss = loss_fn(**reps)
+    loss.backward()
+    # 3. re-embed each chunk with a graph, same RNG (dropout repeats), backward the surrogate
+    for name, chunks in groups.items():
+        grads = reps[name].grad.split(sizes[name])
+        for chunk, (cpu_state, cuda_state), grad in zip(chunks, states[name], grads):
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.set_rng_state(cpu_state)
+                if cuda_state is not None:
+                    torch.cuda.set_rng_state(cuda_state, device)
+                (embed_fn(chunk) * grad).sum().backward()
+    return loss.detach(), {name: r.detach() for name, r in reps.items()}
+
+
+def chunked(items, size):
+    return [items[s:s + size] for s in range(0, len(items), size)]
+
+
+def trainable_state(model):
+    return {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out, model, opt, step, args):
+    distill.save_atomic({"trainable": trainable_state(model), "optimizer": opt.state_dict(),
+                         "step": step, "data_position": step * args.batch_size,
+                         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                 "cuda": torch.cuda.get_rng_state_all()
+                                 if torch.cuda.is_available() else None},
+                         "args": vars(args)}, os.path.join(out, "checkpoint.pt"))
+
+
+def resume(out, model, opt):
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    model.load_state_dict(ckpt["trainable"], strict=False)
+    opt.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate(ckpt["rng"]["python"])
+    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["step"]
+
+
+def train_loop(args, model, step_fn, n_rows, on_save=None):
+    """The loop, written out: LR, forward + backward (inside step_fn), clip, step, log, save."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    os.makedirs(args.out, exist_ok=True)
+    start = resume(args.out, model, opt) if args.resume else 0
+    max_steps = args.max_steps
+    log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w")
+    t0, seen = time.time(), 0
+    for step in range(start, max_steps):
+        lr = lr_at(step, args.lr, args.warmup, max_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        loss, stats = step_fn(batch_rows(step, n_rows, args.batch_size, args.seed))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # pre-clip norm
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen += args.batch_size
+        rate = seen / (time.time() - t0)
+        record = {"step": step + 1, "loss": round(loss.item(), 5), "lr": lr,
+                  "grad_norm": round(grad_norm.item(), 5), "samples_per_s": round(rate, 1),
+                  **stats}
+        log.write(json.dumps(record) + "\n")
+        if (step + 1) % args.log_every == 0 or step + 1 == max_steps:
+            eta = (max_steps - step - 1) * args.batch_size / rate
+            print(f"step {step + 1}/{max_steps} loss {loss.item():.4f} lr {lr:.2e} "
+                  f"grad {grad_norm.item():.3f} {rate:.0f} samples/s ETA {eta:.0f}s", flush=True)
+        if (step + 1) % args.save_every == 0 or step + 1 == max_steps:
+            log.flush()
+            save_checkpoint(args.out, model, opt, step + 1, args)
+            if on_save:
+                on_save()
+    log.close()
+    return model
+
+
+# ---------------------------------------------------------------- stage 0 (toy only)
+
+def lm_batch(processor, family, prompts_inputs, answers, device):
+    """Prompt + answer tokens with the loss on the answer only (labels -100 elsewhere).
+    Left padding puts every answer at the end, so its labels are the last tokens of a row."""
+    texts, images = zip(*prompts_inputs)
+    images = list(images) if images[0] is not None else None
+    eos = processor.tokenizer.eos_token
+    prompts = [M.format_prompt(family, t, images is not None, ins) for t, ins in texts]
+    full = [f"{p} {a}{eos}" for p, a in zip(prompts, answers)]
+    batch = processor(text=full, images=images, padding=True, return_tensors="pt")
+    labels = torch.full_like(batch["input_ids"], -100)
+    for i, a in enumerate(answers):
+        n = len(processor.tokenizer(f" {a}{eos}", add_special_tokens=False)["input_ids"])
+        labels[i, -n:] = batch["input_ids"][i, -n:]
+    batch["labels"] = labels
+    return batch.to(device)
+
+
+def stage0_batches(scenes, rows, seed, step_rng):
+    """Three tasks of a pretrained MLLM: captioning, and one-word answers after the image
+    and sentence "in one word" prompts (these align the two modalities)."""
+    image_rows, text_rows = [], []
+    for i, r in enumerate(rows):
+        scene, rng = scenes[r], random.Random(seed * 1_000_003 + step_rng * 1009 + i)
+        word = rng.choice(data.keywords(scene))
+        if i % 3 == 0:
+            image_rows.append((((None, "Describe the image:"), data.draw(scene, rng)),
+                               data.caption(scene)))
+        elif i % 3 == 1:
+            image_rows.append((((None, None), data.draw(scene, rng)), word))
+        else:
+            text_rows.append((((data.paraphrase(scene, rng) if rng.random() < 0.5
+                                else data.caption(scene), None), None), word))
+    return image_rows, text_rows
+
+
+def run_stage0(args):
+    if not os.path.exists(os.path.join(TOY_BASE, "config.json")):
+        M.build_tiny_mllm(TOY_BASE, data.corpus(), seed=args.seed)
+    model, processor, family = M.load_mllm(TOY_BASE, device=args.device)
+    scenes = data.split_scenes(args.seed)["train"]
+    step_counter = {"step": 0}
+
+    def step_fn(rows):
+        step_counter["step"] += 1
+        total = 0.0
+        for part in stage0_batches(scenes, rows, args.seed, step_counter["step"]):
+            if not part:
+                continue
+            inputs, answers = zip(*part)
+            with M.autocast(args.device, args.bf16):
+                loss = model(**lm_batch(processor, family, inputs, answers, args.device)).loss
+            (loss * len(part) / len(rows)).backward()
+            total += loss.item() * len(part) / len(rows)
+        return torch.tensor(total), {}
+
+    before = toy_zero_shot(model, processor, family, args)
+    train_loop(args, model, step_fn, len(scenes))
+    after = toy_zero_shot(model, processor, family, args)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(args.out)))  # then rename
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    for f in ("log.jsonl", "checkpoint.pt"):
+        shutil.move(os.path.join(args.out, f), os.path.join(tmp, f))
+    shutil.rmtree(args.out)
+    os.replace(tmp, args.out)
+    print_table("stage 0 (toy pretraining, not UniME): zero-shot retrieval on held-out scenes",
+                before, after)
+
+
+def toy_zero_shot(model, processor, family, args, n=200):
+    """Text->image and image->text Recall@1 among the n held-out scenes, "in one word" prompts."""
+    scenes = data.split_scenes(args.seed)["test"][:n]
+    rng = random.Random(args.seed + 1)
+    model.eval()
+    img = M.encode(model, processor, family, images=[data.draw(s, rng) for s in scenes],
+                   device=args.device)
+    txt = M.encode(model, processor, family, texts=[data.caption(s) for s in scenes],
+                   device=args.device)
+    sim, target = txt @ img.T, torch.arange(len(scenes))
+    return {"t2i_R@1": (sim.argmax(1) == target).float().mean().item(),
+            "i2t_R@1": (sim.T.argmax(1) == target).float().mean().item()}
+
+
+def print_table(title, before, after):
+    print(f"\n{title}\n| metric | before | after |\n|---|---|---|")
+    for k in before:
+        print(f"| {k} | {before[k]:.3f} | {after[k]:.3f} |")
+
+
+# ---------------------------------------------------------------- stage 1 (§3.2)
+
+def stage1_data(args):
+    """(train rows, held-out rows): the NLI file of --data, or the toy's text pairs."""
+    if args.data:
+        rows = data.read_nli(args.data)
+        n_eval = min(args.eval_pairs, len(rows) // 10)
+        return rows[:-n_eval] if n_eval else rows, rows[-n_eval:] if n_eval else rows[:0]
+    splits = data.split_scenes(args.seed)
+    return (data.toy_text_pairs(splits["train"], 2000, args.seed),
+            data.toy_text_pairs(splits["test"], args.eval_pairs, args.seed + 1))
+
+
+def run_stage1(args):
+    train_rows, eval_rows = stage1_data(args)
+    keys = ("sent0", "sent1", "hard_neg") if args.hard_negatives else ("sent0", "sent1")
+    texts, index = distill.unique_texts(train_rows + eval_rows, keys)
+    cache = args.teacher_cache or os.path.join(
+        "runs", "cache", f"teacher-{args.teacher.replace('/', '_')}-"
+        f"{distill.texts_hash(texts)[:12]}.pt")
+    t0 = time.time()
+    teacher = distill.teacher_embeddings(texts, args.teacher, cache, args.teacher_pooling,
+                                         args.device, args.trust_remote_code)
+    print(f"teacher embeddings: {len(texts)} texts, {teacher.shape[1]}-d, "
+          f"{time.time() - t0:.1f}s (cache {cache})")
+    model, processor, family = M.load_embedder(args.model, args.device, args.weights_dtype,
+                                               args.trust_remote_code, args.family)
+    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    M.inject_lora(model, **lora)  # the LLM only: vision tower and projector stay frozen
+    print(f"trainable: {M.count_parameters(model, True):,} of {M.count_parameters(model):,}")
+
+    def embed_fn(batch):
+        with M.autocast(args.device, args.bf16):
+            return M.embed(model, batch)
+
+    def step_fn(rows):
+        rows = [train_rows[r] for r in rows]
+        groups = {k: [M.process(processor, family, texts=[r[k] for r in c], device=args.device)
+                      for c in chunked(rows, args.chunk_size)] for k in keys}
+        t = {k: teacher[[index[r[k]] for r in rows]].to(args.device) for k in keys}
+
+        def loss_fn(sent0, sent1, hard_neg=None):
+            return distill.kd_loss(sent0, sent1, t["sent0"], t["sent1"], args.tau,
+                                   args.kd_direction, hard_neg, t.get("hard_neg"))
+        loss, _ = gradcache_step(embed_fn, groups, loss_fn, args.device)
+        return loss, {}
+
+    def agreement():
+        model.eval()
+        a = M.encode(model, processor, family, texts=[r["sent0"] for r in eval_rows],
+                     device=args.device)
+        p = M.encode(model, processor, family, texts=[r["sent1"] for r in eval_rows],
+                     device=args.device)
+        ta = teacher[[index[r["sent0"]] for r in eval_rows]]
+        tp = teacher[[index[r["sent1"]] for r in eval_rows]]
+        return distill.teacher_agreement(a, p, ta, tp)
+
+    def write_adapter():
+        distill.save_atomic(M.lora_state_dict(model), os.path.join(args.out, "adapter.pt"))
+        meta = M.stage_meta(args.model, args.out, lora, stage=1, family=family,
+                            trust_remote_code=args.trust_remote_code)
+        with open(os.path.join(args.out, "unime.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+
+    before = agreement() if eval_rows else {}
+    train_loop(args, model, step_fn, len(train_rows), on_save=write_adapter)
+    after = agreement() if eval_rows else {}
+    if eval_rows:
+        print_table(f"stage 1: agreement with the teacher on {len(eval_rows)} held-out pairs",
+                    before, after)
+    return before, after
+
+
+# ---------------------------------------------------------------- command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    a = p.add_argument
+    a("--stage", type=int, choices=[0, 1, 2], required=True)
+    a("--preset", choices=sorted(PRESETS), help="the paper's settings for this stage (SPEC §7)")
+    a("--model", help="HF id, model folder or stage output to start from (default: the toy)")
+    a("--family", help="prompt family when the model type is not enough (see model.FAMILIES)")
+    a("--trust-remote-code", action="store_true", default=None)
+    a("--teacher", help=f"stage 1 teacher, HF id or folder (default {distill.DEFAULT_TEACHER})")
+    a("--teacher-pooling", choices=["mean", "cls", "last", "nv-embed"])
+    a("--teacher-cache", help="file of cached teacher embeddings (default under runs/cache)")
+    a("--data", help="stage 1: NLI CSV/JSONL (sent0,sent1[,hard_neg]); default: toy pairs")
+    a("--eval-pairs", type=int, default=200, help="held-out pairs for teacher agreement")
+    a("--hard-negatives", action="store_true", help="stage 1: NLI hard_neg as extra columns")
+    a("--out", help="output folder")
+    a("--max-steps", type=int)
+    a("--epochs", type=float, help="train this many passes over the data instead of --max-steps")
+    a("--batch-size", type=int)
+    a("--chunk-size", type=int, help="GradCache chunk: memory follows it, not the batch")
+    a("--lr", type=float)
+    a("--warmup", type=int)
+    a("--weight-decay", type=float, default=0.0)
+    a("--grad-clip", type=float, default=1.0)
+    a("--lora-r", type=int)
+    a("--lora-alpha", type=float)
+    a("--lora-dropout", type=float)
+    a("--tau", type=float, help="stage 1 temperature (paper: not given; toy ablation: 0.05)")
+    a("--kd-direction", default="teacher-student", choices=["teacher-student", "student-teacher"])
+    a("--save-every", type=int)
+    a("--log-every", type=int, default=25)
+    a("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+      help="auto: bf16 autocast and bf16 frozen weights on CUDA, fp32 on CPU")
+    a("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset].get(args.stage, {}) if args.preset else {}
+    for key, value in {**STAGE_DEFAULTS.get(args.stage, {}), **preset}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.teacher = args.teacher or distill.DEFAULT_TEACHER
+    args.teacher_pooling = args.teacher_pooling or "mean"
+    args.trust_remote_code = bool(args.trust_remote_code)
+    args.save_every = args.save_every or args.max_steps
+    cuda = torch.device(args.device).type == "cuda"
+    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and cuda)
+    args.weights_dtype = torch.bfloat16 if args.bf16 and cuda else torch.float32
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    if args.stage == 0:
+        return run_stage0(args)
+    if args.model is None:  # the embedded default starts from the pretrained toy
+        if not os.path.exists(os.path.join(TOY_STAGE0, "config.json")):
+            print("no pretrained toy yet: running stage 0 first")
+            run_stage0(parse_args(["--stage", "0", "--device", args.device, "--seed",
+                                   str(args.seed)]))
+        args.model = TOY_STAGE0
+    if args.epochs:
+        n_rows = len(stage1_data(args)[0])
+        args.max_steps = int(args.epochs * (n_rows // args.batch_size))
+    return run_stage1(args)
+
+
+if __name__ == "__main__":
+    main()
