@@ -42,13 +42,16 @@ def all_scenes():
 
 
 def split_scenes(seed=0, n_test=200):
-    """{'train', 'test', 'ood'}: test scenes never occur in train; 'ood' scenes contain a
-    held-out colour-shape combination that no training scene contains."""
+    """{'train', 'test', 'ood', 'pretrain'}: test scenes never occur in training; 'ood' scenes
+    contain a colour-shape combination that no 'train' scene (UniME's stages 1 and 2) contains.
+    'pretrain' (the toy's stage 0) stands in for a real MLLM's pretraining, which has seen red
+    triangles too: every scene but the two test sets."""
     scenes = all_scenes()
     random.Random(seed).shuffle(scenes)
     ood = [s for s in scenes if is_held_out(s)]
     seen = [s for s in scenes if not is_held_out(s)]
-    return {"train": seen[n_test:], "test": seen[:n_test], "ood": ood[:n_test]}
+    return {"train": seen[n_test:], "test": seen[:n_test], "ood": ood[:n_test],
+            "pretrain": seen[n_test:] + ood[n_test:]}
 
 
 # ---------------------------------------------------------------- words
@@ -151,7 +154,8 @@ def corpus():
     from model import FAMILIES, IMAGE_INSTRUCTION, TEXT_INSTRUCTION
     rng = random.Random(0)
     lines = [FAMILIES["llava"][0], TEXT_INSTRUCTION, IMAGE_INSTRUCTION, "Describe the image:"]
-    lines += list(STAGE2_INSTRUCTIONS.values())
+    lines += list(STAGE2_INSTRUCTIONS.values()) + [
+        f"What colour is the {s}? What shape is the {c} one?" for s in SHAPES for c in COLORS]
     for scene in all_scenes()[::7]:
         lines += [caption(scene), caption(scene, flip=True, synonyms=True), *keywords(scene)]
         lines.append(caption(negative(scene, rng)[1]))
@@ -204,12 +208,97 @@ def read_nli(path):
     return out
 
 
-# ---------------------------------------------------------------- stage 2 instructions
+# ---------------------------------------------------------------- stage 2: instruction pairs
 
-STAGE2_INSTRUCTIONS = {  # MMEB-style task instructions for the toy's stage-2 data
+STAGE2_INSTRUCTIONS = {  # MMEB-style task instructions (VLM2Vec's wording) for the toy
     "cls": "<|image_1|> Represent the given image for classification.",
     "vqa": "<|image_1|> Represent the given image with the following question:",
     "t2i": "Find me an everyday image that matches the given caption:",
     "i2t": "<|image_1|> Find an image caption describing the given everyday image.",
     "target_image": "<|image_1|> Represent the given image.",
 }
+TASKS = ("cls", "vqa", "t2i", "i2t", "t2i", "i2t")  # retrieval twice as often
+
+
+def toy_stage2_row(scene, task, rng):
+    from model import IMAGE_INSTRUCTION, TEXT_INSTRUCTION
+    """One MMEB-style pair {qry, qry_image, pos, pos_image}: classification (image -> class
+    name), VQA (image + question -> answer), text->image and image->text retrieval."""
+    ins, image = STAGE2_INSTRUCTIONS, draw(scene, rng)
+    first = scene[0]
+    if task == "cls":  # the class is the first object's colour and shape
+        return {"qry": ins["cls"], "qry_image": image, "pos": f"{first[0]} {first[1]}",
+                "pos_image": None}
+    if task == "vqa":
+        obj = rng.choice(scene_objects(scene))
+        question, answer = rng.choice([(f"What colour is the {obj[1]}?", obj[0]),
+                                       (f"What shape is the {obj[0]} one?", obj[1])])
+        return {"qry": f"{ins['vqa']} {question}", "qry_image": image, "pos": answer,
+                "pos_image": None}
+    # retrieval pairs use the paper's zero-shot "in one word" prompts, so the held-out numbers
+    # measure the protocol of its retrieval benchmarks (Table 2)
+    text = f"{caption(scene, flip=rng.random() < 0.5)}\n{TEXT_INSTRUCTION}"
+    if task == "t2i":
+        return {"qry": text, "qry_image": None, "pos": IMAGE_INSTRUCTION, "pos_image": image}
+    return {"qry": IMAGE_INSTRUCTION, "qry_image": image, "pos": text, "pos_image": None}
+
+
+def toy_stage2_rows(scenes, ids, seed, train_scenes=None):
+    """Rows for row ids (id -> scene id // 6, task id % 6): the tasks mix within every batch,
+    as MMEB's do; images are drawn on the fly from a per-row seed. Every second row of a batch
+    is a compositional variant of the row before (when that variant is itself a training scene),
+    so the batch holds the near-duplicates that hard-negative mining is for: a random batch of
+    64 scenes among 3,000 almost never does, while real MMEB batches (one dataset each) do."""
+    train_scenes = train_scenes if train_scenes is not None else set(scenes)
+    rows, previous = [], None
+    for j, i in enumerate(ids):
+        rng = random.Random(seed * 1_000_003 + i)
+        scene, task = scenes[(i // len(TASKS)) % len(scenes)], TASKS[i % len(TASKS)]
+        if j % 2 == 1:
+            variant = negative(previous, rng)[1]
+            scene = variant if variant in train_scenes else scene
+        rows.append(toy_stage2_row(scene, task, rng))
+        previous = scene
+    return rows
+
+
+def read_mmeb_train(path, image_root="", skip_missing=False):
+    """MMEB-train rows (`qry, qry_image_path, pos_text, pos_image_path[, neg_text,
+    neg_image_path]`) from JSONL, or parquet when pyarrow is installed. Image paths are relative
+    to `image_root`; an empty path is a text-only side. A missing image is an error naming the
+    file and row, or with skip_missing the row is dropped and counted (returned as `skipped`)."""
+    import os
+    if str(path).endswith(".parquet"):
+        import pyarrow.parquet as pq  # optional: only for the published parquet files
+        records = enumerate(pq.read_table(path).to_pylist(), 1)
+    else:
+        with open(path, encoding="utf-8") as f:
+            records = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
+    rows, skipped = [], 0
+    for n, r in records:
+        if not r.get("qry") or not (r.get("pos_text") or r.get("pos_image_path")):
+            raise ValueError(f"{path}, row {n}: needs qry and pos_text or pos_image_path")
+        sides = {"qry": r["qry_image_path"], "pos": r.get("pos_image_path", "")}
+        missing = [os.path.join(image_root, p) for p in sides.values()
+                   if p and not os.path.isfile(os.path.join(image_root, p))]
+        if missing:
+            if skip_missing:
+                skipped += 1
+                continue
+            raise FileNotFoundError(f"{path}, row {n}: image {missing[0]} not found "
+                                    f"(check --image-root, or pass --skip-missing-images)")
+        rows.append({"qry": r["qry"], "pos": r.get("pos_text") or "",
+                     **{f"{k}_image": os.path.join(image_root, p) if p else None
+                        for k, p in sides.items()}})
+    return rows, skipped
+
+
+def load_image(image, size=None):
+    """A PIL image from a PIL image or a path, RGB, optionally resized to size x size."""
+    if isinstance(image, str):
+        try:
+            image = Image.open(image).convert("RGB")
+        except OSError as e:
+            raise ValueError(f"cannot read image {image}: {e}") from None
+    return image.resize((size, size), Image.BICUBIC) if size and image.size != (size, size) \
+        else image

@@ -108,7 +108,7 @@ def process(processor, family, texts=None, images=None, instruction=None, instru
             device="cpu"):
     """Tokenize (and process images for) one chunk of inputs; texts/images are lists where an
     entry may be None. `instructions` gives one instruction per row (stage 2)."""
-    n = len(texts if texts is not None else images)
+    n = len(next(x for x in (texts, images, instructions) if x is not None))
     texts = texts if texts is not None else [None] * n
     images = images if images is not None else [None] * n
     instructions = instructions if instructions is not None else [instruction] * n
@@ -136,7 +136,7 @@ def encode(model, processor, family, texts=None, images=None, instructions=None,
            device="cpu"):
     """Embed many inputs without gradients -> (n, d) float32 on CPU. Rows with and without an
     image are batched separately (one processor call per modality), then put back in order."""
-    n = len(texts if texts is not None else images)
+    n = len(next(x for x in (texts, images, instructions) if x is not None))
     texts = texts if texts is not None else [None] * n
     images = images if images is not None else [None] * n
     instructions = instructions if instructions is not None else [None] * n

@@ -26,11 +26,16 @@ STAGE_DEFAULTS = {  # the embedded default: minutes on 2 CPU cores
     0: dict(out="runs/stage0", max_steps=1500, batch_size=60, chunk_size=60, lr=3e-3, warmup=50),
     1: dict(out="runs/stage1", max_steps=300, batch_size=64, chunk_size=32, lr=1e-3, warmup=20,
             lora_r=16, lora_alpha=32, lora_dropout=0.05, tau=0.05),
+    2: dict(out="runs/stage2", max_steps=1600, batch_size=64, chunk_size=64, lr=2e-3, warmup=20,
+            lora_r=16, lora_alpha=32, lora_dropout=0.05, tau=0.02, image_size=None),
 }
+TOY_STAGE_DEFAULTS = {2: dict(lora_r=0)}  # the toy fine-tunes all 0.2M weights in stage 2
 PRESETS = {"paper": {  # SPEC §7; stage-1 epochs, not steps: 2 epochs of the NLI pairs
     1: dict(batch_size=768, chunk_size=64, lr=5e-4, lora_r=32, lora_alpha=64, lora_dropout=0.05,
             epochs=2, warmup=20, teacher="nvidia/NV-Embed-v2", teacher_pooling="nv-embed",
             model="microsoft/Phi-3.5-vision-instruct", trust_remote_code=True, save_every=100),
+    2: dict(batch_size=1024, chunk_size=32, lr=1e-4, lora_r=16, lora_alpha=64, lora_dropout=0.1,
+            max_steps=1000, warmup=100, tau=0.02, image_size=336, save_every=100),
 }}
 TOY_BASE, TOY_STAGE0 = "runs/tiny-base", "runs/stage0"
 
@@ -141,6 +146,8 @@ def train_loop(args, model, step_fn, n_rows, on_save=None):
         record = {"step": step + 1, "loss": round(loss.item(), 5), "lr": lr,
                   "grad_norm": round(grad_norm.item(), 5), "samples_per_s": round(rate, 1),
                   **stats}
+        if not getattr(args, "is_main", True):
+            continue  # other ranks of a torchrun job neither log nor save
         log.write(json.dumps(record) + "\n")
         if (step + 1) % args.log_every == 0 or step + 1 == max_steps:
             eta = (max_steps - step - 1) * args.batch_size / rate
@@ -157,64 +164,69 @@ def train_loop(args, model, step_fn, n_rows, on_save=None):
 
 # ---------------------------------------------------------------- stage 0 (toy only)
 
-def lm_batch(processor, family, prompts_inputs, answers, device):
-    """Prompt + answer tokens with the loss on the answer only (labels -100 elsewhere).
-    Left padding puts every answer at the end, so its labels are the last tokens of a row."""
-    texts, images = zip(*prompts_inputs)
-    images = list(images) if images[0] is not None else None
+def caption_loss(model, processor, family, images, captions, device):
+    """Next-token loss on the caption tokens only, after "Describe the image:". Left padding
+    puts every caption at the end of its row, so its labels are the row's last tokens."""
     eos = processor.tokenizer.eos_token
-    prompts = [M.format_prompt(family, t, images is not None, ins) for t, ins in texts]
-    full = [f"{p} {a}{eos}" for p, a in zip(prompts, answers)]
-    batch = processor(text=full, images=images, padding=True, return_tensors="pt")
+    prompt = M.format_prompt(family, image=True, instruction="Describe the image:")
+    batch = processor(text=[f"{prompt} {c}{eos}" for c in captions], images=images,
+                      padding=True, return_tensors="pt").to(device)
     labels = torch.full_like(batch["input_ids"], -100)
-    for i, a in enumerate(answers):
-        n = len(processor.tokenizer(f" {a}{eos}", add_special_tokens=False)["input_ids"])
+    for i, c in enumerate(captions):
+        n = len(processor.tokenizer(f" {c}{eos}", add_special_tokens=False)["input_ids"])
         labels[i, -n:] = batch["input_ids"][i, -n:]
-    batch["labels"] = labels
-    return batch.to(device)
+    return model(**batch, labels=labels).loss
 
 
-def stage0_batches(scenes, rows, seed, step_rng):
-    """Three tasks of a pretrained MLLM: captioning, and one-word answers after the image
-    and sentence "in one word" prompts (these align the two modalities)."""
-    image_rows, text_rows = [], []
-    for i, r in enumerate(rows):
-        scene, rng = scenes[r], random.Random(seed * 1_000_003 + step_rng * 1009 + i)
-        word = rng.choice(data.keywords(scene))
-        if i % 3 == 0:
-            image_rows.append((((None, "Describe the image:"), data.draw(scene, rng)),
-                               data.caption(scene)))
-        elif i % 3 == 1:
-            image_rows.append((((None, None), data.draw(scene, rng)), word))
-        else:
-            text_rows.append((((data.paraphrase(scene, rng) if rng.random() < 0.5
-                                else data.caption(scene), None), None), word))
-    return image_rows, text_rows
+def one_word_loss(model, processor, family, keywords, device, texts=None, images=None):
+    """Cross-entropy at the embedding position (the last prompt token) under the "in one word"
+    prompts, against the uniform distribution over the scene's keywords: the expected loss of
+    a one-word answer drawn at random, without the sampling noise. These answers are what
+    align the two modalities (SPEC §8)."""
+    batch = M.process(processor, family, texts=texts, images=images, device=device)
+    logits = model(**batch).logits[:, -1]  # (n, vocab)
+    target = torch.zeros_like(logits)
+    for i, words in enumerate(keywords):
+        ids = [processor.tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0]
+               for w in words]
+        target[i, ids] = 1 / len(ids)
+    return -(target * logits.float().log_softmax(-1)).sum(-1).mean()
+
+
+def stage0_loss(model, processor, family, scenes, seed, device):
+    """A pretrained MLLM's skills, in three equal parts: captioning an image, and naming the
+    scene in one word after the image prompt and after the sentence prompt."""
+    rngs = [random.Random(f"{seed}-{i}-{scene}") for i, scene in enumerate(scenes)]
+    third = len(scenes) // 3
+    cap, img, txt = scenes[:third], scenes[third:2 * third], scenes[2 * third:]
+    draw = [data.draw(s, r) for s, r in zip(scenes, rngs)]
+    texts = [data.paraphrase(s, r) if r.random() < 0.5 else data.caption(s)
+             for s, r in zip(txt, rngs[2 * third:])]
+    losses = [caption_loss(model, processor, family, draw[:third],
+                           [data.caption(s) for s in cap], device),
+              one_word_loss(model, processor, family, [data.keywords(s) for s in img], device,
+                            images=draw[third:2 * third]),
+              one_word_loss(model, processor, family, [data.keywords(s) for s in txt], device,
+                            texts=texts)]
+    return sum(losses) / 3
 
 
 def run_stage0(args):
     if not os.path.exists(os.path.join(TOY_BASE, "config.json")):
         M.build_tiny_mllm(TOY_BASE, data.corpus(), seed=args.seed)
     model, processor, family = M.load_mllm(TOY_BASE, device=args.device)
-    scenes = data.split_scenes(args.seed)["train"]
-    step_counter = {"step": 0}
+    scenes = data.split_scenes(args.seed)["pretrain"]
 
     def step_fn(rows):
-        step_counter["step"] += 1
-        total = 0.0
-        for part in stage0_batches(scenes, rows, args.seed, step_counter["step"]):
-            if not part:
-                continue
-            inputs, answers = zip(*part)
-            with M.autocast(args.device, args.bf16):
-                loss = model(**lm_batch(processor, family, inputs, answers, args.device)).loss
-            (loss * len(part) / len(rows)).backward()
-            total += loss.item() * len(part) / len(rows)
-        return torch.tensor(total), {}
+        with M.autocast(args.device, args.bf16):
+            loss = stage0_loss(model, processor, family, [scenes[r] for r in rows],
+                               args.seed + rows[0], args.device)
+        loss.backward()
+        return loss.detach(), {}
 
-    before = toy_zero_shot(model, processor, family, args)
+    before = toy_heldout(model, processor, family, args)
     train_loop(args, model, step_fn, len(scenes))
-    after = toy_zero_shot(model, processor, family, args)
+    after = toy_heldout(model, processor, family, args)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(args.out)))  # then rename
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
@@ -224,20 +236,6 @@ def run_stage0(args):
     os.replace(tmp, args.out)
     print_table("stage 0 (toy pretraining, not UniME): zero-shot retrieval on held-out scenes",
                 before, after)
-
-
-def toy_zero_shot(model, processor, family, args, n=200):
-    """Text->image and image->text Recall@1 among the n held-out scenes, "in one word" prompts."""
-    scenes = data.split_scenes(args.seed)["test"][:n]
-    rng = random.Random(args.seed + 1)
-    model.eval()
-    img = M.encode(model, processor, family, images=[data.draw(s, rng) for s in scenes],
-                   device=args.device)
-    txt = M.encode(model, processor, family, texts=[data.caption(s) for s in scenes],
-                   device=args.device)
-    sim, target = txt @ img.T, torch.arange(len(scenes))
-    return {"t2i_R@1": (sim.argmax(1) == target).float().mean().item(),
-            "i2t_R@1": (sim.T.argmax(1) == target).float().mean().item()}
 
 
 def print_table(title, before, after):
@@ -319,6 +317,161 @@ def run_stage1(args):
     return before, after
 
 
+# ---------------------------------------------------------------- stage 2 (§3.3)
+
+def modality_chunks(rows, side, chunk_size, processor, family, device, image_size=None):
+    """Process one side ("qry" or "pos") of a batch in chunks of a single modality (one
+    processor call each, padding per chunk). Returns the chunks and `order`: the row of each
+    embedding in concatenation order."""
+    chunks, order = [], []
+    for with_image in (False, True):
+        ids = [i for i, r in enumerate(rows) if (r[f"{side}_image"] is not None) == with_image]
+        for c in chunked(ids, chunk_size):
+            images = [data.load_image(rows[i][f"{side}_image"], image_size) for i in c] \
+                if with_image else None
+            chunks.append(M.process(processor, family, images=images,
+                                    instructions=[rows[i][side] for i in c], device=device))
+            order += c
+    return chunks, order
+
+
+def init_distributed(args):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process is the plain single-GPU case."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def run_stage2(args):
+    import hardneg
+    import torch.distributed as dist
+    rank, world = init_distributed(args)
+    args.is_main = rank == 0
+    model, processor, family = M.load_embedder(args.model, args.device, args.weights_dtype,
+                                               args.trust_remote_code, args.family)
+    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                include_vision=True)  # a new LoRA on the whole MLLM, vision tower included
+    if args.lora_r > 0:
+        M.inject_lora(model, **lora)
+    else:  # --lora-r 0: full fine-tuning (the toy's default: a LoRA on 64-wide layers is slow)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    print(f"trainable: {M.count_parameters(model, True):,} of {M.count_parameters(model):,}")
+    if args.data:
+        table, skipped = [], 0
+        for path in args.data.split(","):
+            rows, n_skip = data.read_mmeb_train(path, args.image_root, args.skip_missing_images)
+            table, skipped = table + rows, skipped + n_skip
+        print(f"MMEB-train: {len(table)} pairs, {skipped} rows skipped for missing images")
+        get_rows, n_rows = (lambda ids: [table[i] for i in ids]), len(table)
+    else:
+        scenes = data.split_scenes(args.seed)["train"]
+        seen = set(scenes)
+        get_rows, n_rows = (lambda ids: data.toy_stage2_rows(scenes, ids, args.seed + 7, seen)), \
+            len(data.TASKS) * len(scenes)
+    generator = torch.Generator().manual_seed(args.seed)  # random negatives: same on all ranks
+    history = []
+
+    def embed_fn(batch):
+        with M.autocast(args.device, args.bf16):
+            return M.embed(model, batch)
+
+    def step_fn(ids):
+        n_local = len(ids) // world
+        rows = get_rows(ids[rank * n_local:(rank + 1) * n_local])
+        groups, inverse = {}, {}
+        for side in ("qry", "pos"):
+            groups[side], order = modality_chunks(rows, side, args.chunk_size, processor,
+                                                  family, args.device, args.image_size)
+            inverse[side] = torch.tensor(order).argsort().to(args.device)
+        stats = {}
+
+        def loss_fn(qry, pos):  # back to row order: query i and candidate i are a pair
+            loss, st = hardneg.distributed_hardneg_loss(
+                qry[inverse["qry"]], pos[inverse["pos"]], k=args.k, beta=args.beta,
+                tau=args.tau, negatives=args.negatives, generator=generator, return_stats=True)
+            stats.update(st)
+            return loss
+        loss, _ = gradcache_step(embed_fn, groups, loss_fn, args.device)
+        if world > 1:  # what DDP would do: average the gradients over the ranks
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        loss = loss / world
+        collapse_guard(args, history, loss.item(), stats)
+        return loss, {k: round(v, 4) for k, v in stats.items()}
+
+    def write_adapter():
+        if args.lora_r > 0:
+            distill.save_atomic(M.lora_state_dict(model), os.path.join(args.out, "adapter.pt"))
+            meta = M.stage_meta(args.model, args.out, lora, stage=2, family=family,
+                                trust_remote_code=args.trust_remote_code)
+            with open(os.path.join(args.out, "unime.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+        else:  # full fine-tuning: the output is a whole model
+            model.save_pretrained(args.out)
+            processor.save_pretrained(args.out)
+
+    toy = not args.data
+    before = toy_heldout(model, processor, family, args) if toy and args.is_main else {}
+    train_loop(args, model, step_fn, n_rows, on_save=write_adapter)
+    after = toy_heldout(model, processor, family, args) if toy and args.is_main else {}
+    if before:
+        print_table("stage 2: held-out shapes world (200 scenes each)", before, after)
+        log = [json.loads(x) for x in open(os.path.join(args.out, "log.jsonl"))]
+        share = sum(r["false_negative_share"] for r in log) / len(log)
+        print(f"queries with >= 1 filtered false negative: {100 * share:.1f}% (mean over steps)")
+    return before, after
+
+
+def collapse_guard(args, history, loss, stats, window=50):
+    """Stop a run whose embeddings have become one vector (SPEC §8); warn at the early sign.
+    Healthy toy runs pass briefly through a high cosine and recover, so the test is on the
+    mean over `window` steps (the toy's healthy runs stayed below 0.95 there)."""
+    history.append((loss, stats["random_pair_cos"]))
+    if len(history) == window and sum(h[0] for h in history) / window > math.log(args.k + 1):
+        print(f"warning: mean loss over the first {window} steps is above ln(k+1) = "
+              f"{math.log(args.k + 1):.2f}; every collapsed toy run showed this. If the loss "
+              f"stays flat, start from a checkpoint whose prompts already align the modalities.")
+    cos = sum(h[1] for h in history[-window:]) / window
+    if len(history) >= window and cos > args.collapse_cos:
+        raise SystemExit(
+            f"collapse: over the last {window} steps the mean cosine between unrelated "
+            f"query-candidate pairs is {cos:.3f} (> --collapse-cos {args.collapse_cos}): all "
+            f"embeddings are nearly the same vector and the loss sits near ln(k+1) = "
+            f"{math.log(args.k + 1):.2f}. The hard negatives of a model without zero-shot "
+            f"alignment outrank its positives, and making everything identical is the quickest "
+            f"way down. Start from a pretrained MLLM (for the toy: after stage 0), or lower --lr.")
+
+
+def toy_heldout(model, processor, family, args, n=200):
+    """Held-out shapes world with the paper's zero-shot prompts: text<->image Recall@1 among n
+    in-distribution scenes, the same among n scenes with unseen colour-shape combinations, and
+    compositional accuracy (image closer to its caption than to a hard negative, strict >)."""
+    splits, rng, out = data.split_scenes(args.seed), random.Random(args.seed + 1), {}
+    model.eval()
+    for split in ("test", "ood"):
+        scenes = splits[split][:n]
+        img = M.encode(model, processor, family, images=[data.draw(s, rng) for s in scenes],
+                       device=args.device)
+        txt = M.encode(model, processor, family, texts=[data.caption(s) for s in scenes],
+                       device=args.device)
+        sim, target = txt @ img.T, torch.arange(len(scenes))
+        out[f"{split}_t2i_R@1"] = (sim.argmax(1) == target).float().mean().item()
+        out[f"{split}_i2t_R@1"] = (sim.T.argmax(1) == target).float().mean().item()
+        if split == "test":
+            neg = M.encode(model, processor, family, device=args.device,
+                           texts=[data.caption(data.negative(s, rng)[1]) for s in scenes])
+            out["compositional"] = ((img * txt).sum(1) > (img * neg).sum(1)).float().mean().item()
+    return out
+
+
 # ---------------------------------------------------------------- command line
 
 def parse_args(argv=None):
@@ -347,7 +500,18 @@ def parse_args(argv=None):
     a("--lora-r", type=int)
     a("--lora-alpha", type=float)
     a("--lora-dropout", type=float)
-    a("--tau", type=float, help="stage 1 temperature (paper: not given; toy ablation: 0.05)")
+    a("--tau", type=float, help="temperature: stage 1 0.05 (paper: not given), stage 2 0.02")
+    a("--init", default="stage1", choices=["stage1", "base"],
+      help="stage 2 on the toy: start from stage 1's output, or from the base (ablation)")
+    a("--image-root", default="", help="stage 2: folder the MMEB image paths are relative to")
+    a("--skip-missing-images", action="store_true", help="drop (and count) rows, not fail")
+    a("--image-size", type=int, help="resize images to this square (paper stage 2: 336)")
+    a("--k", type=int, default=8, help="stage 2: hard negatives per query (Eq. 3)")
+    a("--beta", type=float, default=0.1, help="stage 2: false-negative margin (§3.3.1)")
+    a("--negatives", default="hard", choices=["hard", "random", "easy"],
+      help="stage 2: which k negatives (the paper's gradient analysis)")
+    a("--collapse-cos", type=float, default=0.97,
+      help="stage 2: stop when unrelated pairs are this close (mean over 50 steps)")
     a("--kd-direction", default="teacher-student", choices=["teacher-student", "student-teacher"])
     a("--save-every", type=int)
     a("--log-every", type=int, default=25)
@@ -358,7 +522,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     args = p.parse_args(argv)
     preset = PRESETS[args.preset].get(args.stage, {}) if args.preset else {}
-    for key, value in {**STAGE_DEFAULTS.get(args.stage, {}), **preset}.items():
+    toy = TOY_STAGE_DEFAULTS.get(args.stage, {}) if args.model is None else {}
+    for key, value in {**STAGE_DEFAULTS.get(args.stage, {}), **toy, **preset}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.teacher = args.teacher or distill.DEFAULT_TEACHER
@@ -377,12 +542,23 @@ def main(argv=None):
     random.seed(args.seed)
     if args.stage == 0:
         return run_stage0(args)
-    if args.model is None:  # the embedded default starts from the pretrained toy
+    toy = args.model is None
+    if toy:  # the embedded default starts from the pretrained toy
         if not os.path.exists(os.path.join(TOY_STAGE0, "config.json")):
             print("no pretrained toy yet: running stage 0 first")
             run_stage0(parse_args(["--stage", "0", "--device", args.device, "--seed",
                                    str(args.seed)]))
         args.model = TOY_STAGE0
+    if toy and args.stage == 2 and args.init == "stage1":
+        if not os.path.exists(os.path.join("runs/stage1", "unime.json")):
+            print("no stage-1 output yet: running stage 1 first")
+            run_stage1(parse_args(["--stage", "1", "--device", args.device, "--model",
+                                   TOY_STAGE0, "--seed", str(args.seed)]))
+        args.model = "runs/stage1"
+    if args.stage == 2:
+        if args.init == "base" and args.out == STAGE_DEFAULTS[2]["out"]:
+            args.out = "runs/stage2-base"
+        return run_stage2(args)
     if args.epochs:
         n_rows = len(stage1_data(args)[0])
         args.max_steps = int(args.epochs * (n_rows // args.batch_size))
