@@ -696,12 +696,12 @@ def test_gradcache_with_images_and_lora_dropout_matches_full_batch(tiny_path):
 def test_short_stage2_run_raises_heldout_recall(tiny_path, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "TOY_BASE", tiny_path)
     stage0 = str(tmp_path / "stage0")
-    train.main(["--stage", "0", "--max-steps", "600", "--out", stage0])
+    train.main(["--stage", "0", "--max-steps", "300", "--out", stage0])
     before, after = train.main(["--stage", "2", "--model", stage0, "--out",
-                                str(tmp_path / "stage2"), "--max-steps", "100", "--lora-r", "0",
+                                str(tmp_path / "stage2"), "--max-steps", "150", "--lora-r", "0",
                                 "--lr", "2e-3"])
-    assert after["test_t2i_R@1"] > before["test_t2i_R@1"] + 0.05
-    assert after["test_i2t_R@1"] > before["test_i2t_R@1"] + 0.05
+    gain = lambda k: after[k] - before[k]  # noqa: E731
+    assert gain("test_t2i_R@1") + gain("test_i2t_R@1") > 0.1 and gain("compositional") > 0
     log = [json.loads(line) for line in open(tmp_path / "stage2" / "log.jsonl")]
     assert {"false_negative_share", "valid_negatives", "pos_sim", "hardneg_sim"} <= set(log[0])
 

@@ -26,7 +26,7 @@ STAGE_DEFAULTS = {  # the embedded default: minutes on 2 CPU cores
     0: dict(out="runs/stage0", max_steps=1500, batch_size=60, chunk_size=60, lr=3e-3, warmup=50),
     1: dict(out="runs/stage1", max_steps=300, batch_size=64, chunk_size=32, lr=1e-3, warmup=20,
             lora_r=16, lora_alpha=32, lora_dropout=0.05, tau=0.05),
-    2: dict(out="runs/stage2", max_steps=1600, batch_size=64, chunk_size=64, lr=2e-3, warmup=20,
+    2: dict(out="runs/stage2", max_steps=1600, batch_size=64, chunk_size=64, lr=1e-3, warmup=20,
             lora_r=16, lora_alpha=32, lora_dropout=0.05, tau=0.02, image_size=None),
 }
 TOY_STAGE_DEFAULTS = {2: dict(lora_r=0)}  # the toy fine-tunes all 0.2M weights in stage 2
