@@ -179,17 +179,10 @@ def toy_text_pairs(scenes, n, seed):
 def read_nli(path):
     """SimCSE's NLI file (`nli_for_simcse.csv`: sent0, sent1, hard_neg) as CSV or JSONL.
     Returns a list of dicts; `hard_neg` is optional. A malformed row names file and row."""
-    with open(path, newline="", encoding="utf-8") as f:
-        if str(path).endswith((".jsonl", ".json")):
-            rows = []
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((line_no, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {line_no}: not valid JSON ({e})") from None
-        else:
+    if str(path).endswith((".jsonl", ".json")):
+        rows = read_records(path)
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"sent0", "sent1"} <= set(reader.fieldnames):
                 raise ValueError(f"{path}: header must have sent0,sent1[,hard_neg], "
@@ -206,6 +199,39 @@ def read_nli(path):
     if not out:
         raise ValueError(f"{path}: no rows")
     return out
+
+
+# ---------------------------------------------------------------- files
+
+def read_records(path):
+    """[(row number, dict)] from JSONL (row = line number), or parquet when pyarrow imports."""
+    if str(path).endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: parquet needs pyarrow; or convert it to JSONL") from None
+        rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
+    else:
+        rows = _jsonl(path)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def _jsonl(path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, row {n}: not valid JSON ({e})") from None
+            if not isinstance(rows[-1][1], dict):
+                raise ValueError(f"{path}, row {n}: expected a JSON object")
+    return rows
+
 
 
 # ---------------------------------------------------------------- stage 2: instruction pairs
@@ -268,14 +294,8 @@ def read_mmeb_train(path, image_root="", skip_missing=False):
     to `image_root`; an empty path is a text-only side. A missing image is an error naming the
     file and row, or with skip_missing the row is dropped and counted (returned as `skipped`)."""
     import os
-    if str(path).endswith(".parquet"):
-        import pyarrow.parquet as pq  # optional: only for the published parquet files
-        records = enumerate(pq.read_table(path).to_pylist(), 1)
-    else:
-        with open(path, encoding="utf-8") as f:
-            records = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
     rows, skipped = [], 0
-    for n, r in records:
+    for n, r in read_records(path):
         if not r.get("qry") or not (r.get("pos_text") or r.get("pos_image_path")):
             raise ValueError(f"{path}, row {n}: needs qry and pos_text or pos_image_path")
         sides = {"qry": r["qry_image_path"], "pos": r.get("pos_image_path", "")}

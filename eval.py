@@ -50,36 +50,6 @@ OOD = {_norm(n[1:]) for s in MMEB_TASKS.values() for n in s.split() if n.startsw
 
 # ---------------------------------------------------------------- readers
 
-def _records(path):
-    """[(row number, dict)] from JSONL (row = line number), or parquet when pyarrow imports."""
-    if str(path).endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ValueError(f"{path}: parquet needs pyarrow; or convert it to JSONL") from None
-        rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
-    else:
-        rows = _jsonl(path)
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
-
-
-def _jsonl(path):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, row {n}: not valid JSON ({e})") from None
-            if not isinstance(rows[-1][1], dict):
-                raise ValueError(f"{path}, row {n}: expected a JSON object")
-    return rows
-
-
 def _image(path, n, rel, image_root):
     """Full path of row n's image (None for an empty path); a missing file is an error."""
     if not rel:
@@ -94,7 +64,7 @@ def read_mmeb_eval(path, image_root=""):
     """One MMEB-eval subset -> [{"qry": input, "tgt": [input, ...]}], gold = tgt[0]. MMEB text
     already holds its instruction and `<|image_1|>`, so it goes in the instruction slot."""
     rows = []
-    for n, r in _records(path):
+    for n, r in data.read_records(path):
         if not {"qry_text", "qry_img_path", "tgt_text", "tgt_img_path"} <= set(r):
             raise ValueError(f"{path}, row {n}: needs qry_text, qry_img_path, tgt_text, "
                              f"tgt_img_path")
@@ -139,7 +109,7 @@ def read_caption_set(path, image_root="", max_captions=None, limit=None):
             except (KeyError, IndexError, TypeError):
                 raise ValueError(f"{path}, row {n}: needs image, conversations[1].value") from None
     else:
-        pairs = [(n, r.get("image"), r.get("caption")) for n, r in _records(path)][:limit]
+        pairs = [(n, r.get("image"), r.get("caption")) for n, r in data.read_records(path)][:limit]
     images, captions, owner = [], [], []
     for n, image, caps in pairs:
         caps = [caps] if isinstance(caps, str) else caps

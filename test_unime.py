@@ -210,16 +210,22 @@ def test_stage1_lora_trains_only_adapters_on_the_llm(tiny_path):
 
 # ---------------------------------------------------------------- §4 GradCache
 
-def test_gradcache_equals_full_batch_gradients(tiny_path):
-    """fp32, LoRA dropout on: chunks of 3 must give the gradients of one batch of 8."""
-    texts = [data.caption(s) for s in data.split_scenes(0)["test"][:16]]
-    teacher = unit(16, 5, seed=20).float()
+def adapted_tiny(tiny_path, dropout, include_vision=False):
+    """The tiny MLLM with a LoRA whose B is random, so the adapter changes the outputs."""
     model, processor, family = M.load_mllm(tiny_path)
-    M.inject_lora(model, r=4, alpha=8, dropout=0.3)
+    M.inject_lora(model, r=4, alpha=8, dropout=dropout, include_vision=include_vision)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, M.LoRALinear):
                 m.lora_B.normal_(std=0.1)
+    return model, processor, family
+
+
+def test_gradcache_equals_full_batch_gradients(tiny_path):
+    """fp32, LoRA dropout on: chunks of 3 must give the gradients of one batch of 8."""
+    texts = [data.caption(s) for s in data.split_scenes(0)["test"][:16]]
+    teacher = unit(16, 5, seed=20).float()
+    model, processor, family = adapted_tiny(tiny_path, dropout=0.3)
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
 
@@ -255,12 +261,7 @@ def test_gradcache_equals_full_batch_gradients(tiny_path):
 def test_gradcache_without_dropout_equals_unchunked_batch(tiny_path):
     texts = [data.caption(s) for s in data.split_scenes(0)["test"][:12]]
     teacher = unit(12, 5, seed=21).float()
-    model, processor, family = M.load_mllm(tiny_path)
-    M.inject_lora(model, r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, M.LoRALinear):
-                m.lora_B.normal_(std=0.1)
+    model, processor, family = adapted_tiny(tiny_path, dropout=0.0)
     lora = [p for p in model.parameters() if p.requires_grad]
 
     def loss_fn(a, p):
@@ -386,7 +387,7 @@ def test_malformed_nli_row_names_file_and_row(tmp_path):
         data.read_nli(str(bad))
     bad_json = tmp_path / "nli.jsonl"
     bad_json.write_text('{"sent0": "a", "sent1": "b"}\n{"sent0": "a"\n')
-    with pytest.raises(ValueError, match=r"nli.jsonl, line 2"):
+    with pytest.raises(ValueError, match=r"nli.jsonl, row 2"):
         data.read_nli(str(bad_json))
     good = tmp_path / "ok.jsonl"
     good.write_text('{"sent0": "a", "sent1": "b"}\n')
@@ -660,12 +661,7 @@ def test_mmeb_train_reader_text_only_sides_and_missing_images(tmp_path):
 
 
 def test_gradcache_with_images_and_lora_dropout_matches_full_batch(tiny_path):
-    model, processor, family = M.load_mllm(tiny_path)
-    M.inject_lora(model, r=4, alpha=8, dropout=0.2, include_vision=True)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, M.LoRALinear):
-                m.lora_B.normal_(std=0.1)
+    model, processor, family = adapted_tiny(tiny_path, dropout=0.2, include_vision=True)
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
     rows = data.toy_stage2_rows(data.split_scenes(0)["train"], range(10), seed=0)
