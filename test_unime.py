@@ -378,6 +378,32 @@ def test_short_stage1_run_lowers_loss_and_raises_agreement(tiny_path, tmp_path):
     assert not any(isinstance(m, M.LoRALinear) for m in model.modules())
 
 
+def test_resume_continues_exactly_where_the_checkpoint_stopped(tiny_path, tmp_path,
+                                                              monkeypatch):
+    rows = data.toy_text_pairs(data.split_scenes(0)["train"], 110, seed=0)
+    nli = tmp_path / "nli.jsonl"
+    nli.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--stage", "1", "--model", tiny_path, "--data", str(nli), "--max-steps", "8",
+              "--batch-size", "16", "--chunk-size", "8", "--save-every", "4",
+              "--lora-dropout", "0.1", "--teacher-cache", str(tmp_path / "t.pt")]
+    train.main(common + ["--out", str(tmp_path / "straight")])
+    save = train.save_checkpoint
+
+    def crash_after_first_save(out, model, opt, step, args):
+        save(out, model, opt, step, args)
+        raise KeyboardInterrupt  # the machine goes down right after step 4 is on disk
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(common + ["--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    train.main(common + ["--out", str(tmp_path / "resumed"), "--resume"])
+    a = torch.load(tmp_path / "straight" / "adapter.pt")
+    b = torch.load(tmp_path / "resumed" / "adapter.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "resumed" / "log.jsonl")]
+    assert steps == list(range(1, 9))
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_malformed_nli_row_names_file_and_row(tmp_path):

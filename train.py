@@ -130,7 +130,11 @@ def train_loop(args, model, step_fn, n_rows, on_save=None):
     os.makedirs(args.out, exist_ok=True)
     start = resume(args.out, model, opt) if args.resume else 0
     max_steps = args.max_steps
-    log = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w")
+    log_path = os.path.join(args.out, "log.jsonl")
+    kept = [line for line in open(log_path) if json.loads(line)["step"] <= start] \
+        if start else []  # drop what was logged after the checkpoint we resume from
+    log = open(log_path, "w")
+    log.writelines(kept)
     t0, seen = time.time(), 0
     for step in range(start, max_steps):
         lr = lr_at(step, args.lr, args.warmup, max_steps)
