@@ -921,6 +921,28 @@ def test_short_stage2_run_raises_heldout_recall(tiny_path, tmp_path, monkeypatch
     assert {"false_negative_share", "valid_negatives", "pos_sim", "hardneg_sim"} <= set(log[0])
 
 
+def test_torchrun_two_processes_match_one_process_on_the_global_batch(tiny_path, tmp_path):
+    """train.py under torchrun (2 CPU processes, gloo): same loss and gradient norm per step as
+    one process on the same global batch of 64."""
+    import subprocess
+    import sys
+    args = ["train.py", "--stage", "2", "--model", tiny_path, "--max-steps", "2",
+            "--lora-r", "4", "--lora-dropout", "0.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=here, env=env,
+                   check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", "29533", *args, "--out", str(tmp_path / "two")], cwd=here,
+                   env=env, check=True, capture_output=True, timeout=300)
+    one, two = ([json.loads(x) for x in open(tmp_path / name / "log.jsonl")]
+                for name in ("one", "two"))
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    assert len(one) == len(two) == 2
+
+
 def test_stage2_from_an_unaligned_model_collapses_and_is_stopped(tiny_path, tmp_path):
     """SPEC §8: from random weights the paper's loss makes every embedding the same vector."""
     with pytest.raises(SystemExit, match="collapse"):
