@@ -16,7 +16,6 @@ import json
 import os
 import random
 import re
-import tempfile
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
+import distill
 import model as M
 
 SUGARCREPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data",
@@ -236,12 +236,9 @@ class EmbeddingCache:
             new = encode_fn(list(todo.values())).float().cpu()  # (len(todo), d)
             self.vectors.update(zip(todo, new))
             if self.dir:
-                os.makedirs(self.dir, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-                os.close(fd)
-                torch.save({"model_id": self.model_id, "keys": list(todo), "vectors": new}, tmp)
                 name = hashlib.sha256("\n".join(todo).encode()).hexdigest()[:16]
-                os.replace(tmp, os.path.join(self.dir, name + ".pt"))
+                distill.save_atomic({"model_id": self.model_id, "keys": list(todo),
+                                     "vectors": new}, os.path.join(self.dir, name + ".pt"))
         return torch.stack([self.vectors[k] for k in keys])
 
 

@@ -20,6 +20,7 @@ import torch
 
 import data
 import distill
+import eval as ev
 import model as M
 
 STAGE_DEFAULTS = {  # the embedded default: minutes on 2 CPU cores
@@ -166,6 +167,33 @@ def train_loop(args, model, step_fn, n_rows, on_save=None):
     return model
 
 
+def autocast_embed(model, args):
+    """The chunk forward of GradCache: autocast goes inside it (SPEC §4)."""
+    def embed_fn(batch):
+        with M.autocast(args.device, args.bf16):
+            return M.embed(model, batch)
+    return embed_fn
+
+
+def save_stage_output(args, model, processor, family, lora, stage):
+    """What a later stage or eval.py loads: the adapter and `unime.json` (what it started from),
+    or with --lora-r 0 the whole model. Every file is written to a temporary name, then renamed."""
+    if args.lora_r > 0:
+        distill.save_atomic(M.lora_state_dict(model), os.path.join(args.out, "adapter.pt"))
+        meta = M.stage_meta(args.model, args.out, lora, stage=stage, family=family,
+                            trust_remote_code=args.trust_remote_code)
+        with open(os.path.join(args.out, "unime.json.tmp"), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(os.path.join(args.out, "unime.json.tmp"), os.path.join(args.out, "unime.json"))
+        return
+    tmp = tempfile.mkdtemp(dir=args.out)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(args.out, name))
+    os.rmdir(tmp)
+
+
 # ---------------------------------------------------------------- stage 0 (toy only)
 
 def caption_loss(model, processor, family, images, captions, device):
@@ -279,9 +307,7 @@ def run_stage1(args):
     M.inject_lora(model, **lora)  # the LLM only: vision tower and projector stay frozen
     print(f"trainable: {M.count_parameters(model, True):,} of {M.count_parameters(model):,}")
 
-    def embed_fn(batch):
-        with M.autocast(args.device, args.bf16):
-            return M.embed(model, batch)
+    embed_fn = autocast_embed(model, args)
 
     def step_fn(rows):
         rows = [train_rows[r] for r in rows]
@@ -305,15 +331,9 @@ def run_stage1(args):
         tp = teacher[[index[r["sent1"]] for r in eval_rows]]
         return distill.teacher_agreement(a, p, ta, tp)
 
-    def write_adapter():
-        distill.save_atomic(M.lora_state_dict(model), os.path.join(args.out, "adapter.pt"))
-        meta = M.stage_meta(args.model, args.out, lora, stage=1, family=family,
-                            trust_remote_code=args.trust_remote_code)
-        with open(os.path.join(args.out, "unime.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-
     before = agreement() if eval_rows else {}
-    train_loop(args, model, step_fn, len(train_rows), on_save=write_adapter)
+    train_loop(args, model, step_fn, len(train_rows),
+               on_save=lambda: save_stage_output(args, model, processor, family, lora, 1))
     after = agreement() if eval_rows else {}
     if eval_rows:
         print_table(f"stage 1: agreement with the teacher on {len(eval_rows)} held-out pairs",
@@ -381,9 +401,7 @@ def run_stage2(args):
     generator = torch.Generator().manual_seed(args.seed)  # random negatives: same on all ranks
     history = []
 
-    def embed_fn(batch):
-        with M.autocast(args.device, args.bf16):
-            return M.embed(model, batch)
+    embed_fn = autocast_embed(model, args)
 
     def step_fn(ids):
         n_local = len(ids) // world
@@ -411,20 +429,10 @@ def run_stage2(args):
         collapse_guard(args, history, loss.item(), stats)
         return loss, {k: round(v, 4) for k, v in stats.items()}
 
-    def write_adapter():
-        if args.lora_r > 0:
-            distill.save_atomic(M.lora_state_dict(model), os.path.join(args.out, "adapter.pt"))
-            meta = M.stage_meta(args.model, args.out, lora, stage=2, family=family,
-                                trust_remote_code=args.trust_remote_code)
-            with open(os.path.join(args.out, "unime.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-        else:  # full fine-tuning: the output is a whole model
-            model.save_pretrained(args.out)
-            processor.save_pretrained(args.out)
-
     toy = not args.data
     before = toy_heldout(model, processor, family, args) if toy and args.is_main else {}
-    train_loop(args, model, step_fn, n_rows, on_save=write_adapter)
+    train_loop(args, model, step_fn, n_rows,
+               on_save=lambda: save_stage_output(args, model, processor, family, lora, 2))
     after = toy_heldout(model, processor, family, args) if toy and args.is_main else {}
     if before:
         print_table("stage 2: held-out shapes world (200 scenes each)", before, after)
@@ -466,13 +474,12 @@ def toy_heldout(model, processor, family, args, n=200):
                        device=args.device)
         txt = M.encode(model, processor, family, texts=[data.caption(s) for s in scenes],
                        device=args.device)
-        sim, target = txt @ img.T, torch.arange(len(scenes))
-        out[f"{split}_t2i_R@1"] = (sim.argmax(1) == target).float().mean().item()
-        out[f"{split}_i2t_R@1"] = (sim.T.argmax(1) == target).float().mean().item()
+        recall = ev.recall_at_k(txt, img, list(range(len(scenes))), ks=(1,))
+        out[f"{split}_t2i_R@1"], out[f"{split}_i2t_R@1"] = recall["t2i_R@1"], recall["i2t_R@1"]
         if split == "test":
             neg = M.encode(model, processor, family, device=args.device,
                            texts=[data.caption(data.negative(s, rng)[1]) for s in scenes])
-            out["compositional"] = ((img * txt).sum(1) > (img * neg).sum(1)).float().mean().item()
+            out["compositional"] = ev.sugarcrepe_accuracy(img, txt, neg)
     return out
 
 
