@@ -22,7 +22,11 @@ def _positive_mask(sim):
 
 # §3.3.1 false-negative filter: threshold α_i = S[i, i] + β
 def false_negative_mask(sim, beta):
-    # sim (n_q, n_c) -> (n_q, n_c) bool; strict ">", the positive itself is never flagged
+    # sim (n_q, n_c) -> (n_q, n_c) bool; strict ">", the positive itself is never flagged.
+    # beta None or inf: no filter, the ∞ column of Table 4 (said outright, not left to inf
+    # arithmetic, so None works too and an inf similarity cannot slip through)
+    if beta is None or beta == float("inf"):
+        return torch.zeros_like(sim, dtype=torch.bool)
     threshold = sim.diagonal()[:, None] + beta  # (n_q, 1)
     return (sim > threshold) & ~_positive_mask(sim)
 
@@ -60,7 +64,8 @@ def hard_negative_topk(sim, k, beta, negatives="hard", generator=None):
 # Eq. 4: -log( e^{S_ii/τ} / (e^{S_ii/τ} + Σ_l e^{S_i,h_l/τ}) ), mean over queries
 def hardneg_loss(q, c, k=8, beta=0.1, tau=0.02, negatives="hard", generator=None,
                  return_stats=False):
-    # q (n_q, d), c (n_c, d) with n_c >= n_q, both L2-normalized; c[i] is the positive of q[i]
+    # q (n_q, d), c (n_c, d) with n_c >= n_q, both L2-normalized; c[i] is the positive of q[i].
+    # beta=None or inf: no false-negative filter (Table 4, ∞)
     sim = q @ c.T  # (n_q, n_c), carries the gradient
     idx, valid = hard_negative_topk(sim.detach(), k, beta, negatives, generator)  # (n_q, k)
     pos = sim.diagonal()  # (n_q,)
