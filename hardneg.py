@@ -39,7 +39,7 @@ def hard_negative_topk(sim, k, beta, negatives="hard", generator=None):
     negatives: "hard" = the k most similar valid candidates (the paper), "easy" = the k least
     similar, "random" = k distinct valid candidates drawn uniformly (for the §6 ablation).
     A row with fewer than k valid candidates gets valid=False in its extra slots; the paper
-    would duplicate hard negatives there, the official code re-scores masked ones (SPEC §3).
+    would duplicate hard negatives there, the official code re-scores masked ones.
     """
     candidate = ~(false_negative_mask(sim, beta) | _positive_mask(sim))  # (n_q, n_c)
     if negatives == "hard":
@@ -82,7 +82,8 @@ def hardneg_loss(q, c, k=8, beta=0.1, tau=0.02, negatives="hard", generator=None
 
 @torch.no_grad()
 def hardneg_stats(sim, neg, valid, beta):
-    # what SPEC §3 asks to log each step; sim (n_q, n_c), neg and valid (n_q, k)
+    # logged each step; sim (n_q, n_c), neg and valid (n_q, k): the negatives in each row's
+    # denominator (the full-batch losses below pass (n_q, n_c) for both)
     n_q, n_c = sim.shape
     pos = sim.diagonal()
     off_diagonal = sim.sum() - pos.sum()  # over the n_q * n_c - n_q pairs (i, j != i)
@@ -92,9 +93,70 @@ def hardneg_stats(sim, neg, valid, beta):
         "valid_negatives": valid.sum(dim=1).float().mean().item(),
         "pos_sim": pos.mean().item(),
         "hardneg_sim": neg[valid].mean().item() if valid.any() else float("nan"),
-        # near 1 means every embedding is the same vector: the collapse of SPEC §8
+        # near 1 means every embedding is the same vector: the collapse of a run started
+        # from a model without zero-shot alignment
         "random_pair_cos": (off_diagonal / (n_q * n_c - n_q)).item() if n_c > 1 else float("nan"),
     }
+
+
+# ---------------------------------------------------------------- not UniME: the baselines
+# Losses a researcher compares Eq. 4 against. Same inputs, same rectangular layout, and the same
+# stats keys as hardneg_loss, so a training log has the same columns for every loss. For these
+# full-batch losses every valid candidate is in the denominator, so in the stats
+# "valid_negatives" is the number of negatives left in a row after the β mask and
+# "hardneg_sim" is their mean similarity (for Eq. 4 both refer to the k picked negatives).
+
+def _full_batch_loss(sim, alpha, beta, tau):
+    # sim (n_q, n_c), positive of row i at column i. Negative j's logit is S_ij/τ + α·sg(S_ij),
+    # i.e. weight e^{α S_ij} in the denominator (α = 0: plain InfoNCE); false negatives are -inf.
+    with torch.no_grad():
+        positive = _positive_mask(sim)
+        dropped = false_negative_mask(sim, beta)
+        log_weight = (alpha * sim).masked_fill(positive, 0.0)  # detached: a weight, not a target
+    logits = (sim / tau + log_weight).masked_fill(dropped, float("-inf"))
+    # a row whose negatives are all dropped keeps one finite logit: loss 0, gradient 0
+    target = torch.arange(len(sim), device=sim.device)
+    return F.cross_entropy(logits, target), ~(dropped | positive)  # loss, valid (n_q, n_c)
+
+
+def masked_infonce_loss(q, c, beta=0.1, tau=0.02, return_stats=False):
+    """NOT UniME: InfoNCE over the whole batch of candidates (no top-k), with UniME's false-
+    negative mask (S_ij > S_ii + β, j != i) removing the flagged candidates from the denominator.
+    The mask with margin 0.1 is what Qwen3-Embedding and ms-swift (its InfoNCE loss with
+    mask_fake_negative) adopted; their optional query-query and document-document terms in the
+    denominator are left out here. beta=None or inf: no mask, i.e. VLM2Vec's in-batch InfoNCE.
+    q (n_q, d), c (n_c, d), n_c >= n_q; c[i] is the positive of q[i] and columns n_q.. are
+    negatives of every query."""
+    sim = q @ c.T  # (n_q, n_c)
+    loss, valid = _full_batch_loss(sim, 0.0, beta, tau)
+    if not return_stats:
+        return loss
+    return loss, hardneg_stats(sim.detach(), sim.detach(), valid, beta)
+
+
+def hardness_weighted_loss(q, c, alpha=9.0, beta=None, tau=0.02, symmetric=False,
+                           return_stats=False):
+    """NOT UniME: LLaVE's hardness-weighted contrastive loss (Lan et al. 2025, arXiv 2503.04812;
+    its code: llava/model/language_model/loss.py, WeightedClipLoss). Every negative's logit is
+    S_ij/τ + α·sg(S_ij): in the full-batch denominator negative j weighs e^{α S_ij}, so the
+    hard ones count more, while the gradient still flows only through S_ij/τ.
+
+    Defaults follow LLaVE's released training script: α = 9 (its ALPHA=9; the argument's
+    dataclass default is 0.5) and logit scale 50, i.e. τ = 0.02. LLaVE has no false-negative
+    filter, so beta=None (off); a float β adds UniME's mask on top. LLaVE averages the
+    query->candidate and candidate->query losses: symmetric=True does that (square batches
+    only); the default keeps one direction, like Eq. 4, so a comparison isolates the weighting.
+    Layout and stats as masked_infonce_loss (stats are for the query->candidate direction)."""
+    sim = q @ c.T  # (n_q, n_c)
+    loss, valid = _full_batch_loss(sim, alpha, beta, tau)
+    if symmetric:
+        if sim.shape[0] != sim.shape[1]:
+            raise ValueError(f"symmetric=True needs as many candidates as queries, got "
+                             f"{tuple(sim.shape)}")
+        loss = (loss + _full_batch_loss(sim.T, alpha, beta, tau)[0]) / 2
+    if not return_stats:
+        return loss
+    return loss, hardneg_stats(sim.detach(), sim.detach(), valid, beta)
 
 
 # Several GPUs: hard negatives are mined over the global batch (§3.3, "all targets across GPUs")
