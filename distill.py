@@ -20,19 +20,22 @@ def kd_loss(student_a, student_p, teacher_a, teacher_p, tau=0.05, direction="tea
     distribution softmax_j(cos(a_i, p_j) / tau) over the batch (plus optional hard-negative
     columns); the KL between student and teacher rows is summed over rows and divided by n.
     direction="teacher-student" is KL(P_t || P_s), standard distillation and the default;
-    "student-teacher" is KL(P_s || P_t), the order printed in the paper."""
+    "student-teacher" is KL(P_s || P_t), the order printed in the paper; "symmetric" is NOT
+    Eq. 2: (KL(P_t || P_s) + KL(P_s || P_t)) / 2, the mean of both directions that UniME-V2's
+    loss (Embedding/src/loss.py, SoftLabelSoftKLContrastiveLoss) uses, there against an MLLM
+    judge's scores over {positive + hard negatives} rather than a teacher embedder's batch."""
     s_cols = student_p if student_neg is None else torch.cat([student_p, student_neg])
     t_cols = teacher_p if teacher_neg is None else torch.cat([teacher_p, teacher_neg])
     log_s = F.log_softmax(student_a @ s_cols.T / tau, dim=-1)  # (n, n[+m])
     t_cols = t_cols.to(student_a.dtype)
     log_t = F.log_softmax(teacher_a.to(student_a.dtype) @ t_cols.T / tau, dim=-1)
-    if direction == "teacher-student":
-        kl = (log_t.exp() * (log_t - log_s)).sum(-1)
-    elif direction == "student-teacher":
-        kl = (log_s.exp() * (log_s - log_t)).sum(-1)
-    else:
-        raise ValueError(f"direction must be 'teacher-student' or 'student-teacher', "
-                         f"got {direction!r}")
+    if direction not in ("teacher-student", "student-teacher", "symmetric"):
+        raise ValueError(f"direction must be 'teacher-student', 'student-teacher' or "
+                         f"'symmetric', got {direction!r}")
+    kl_ts = (log_t.exp() * (log_t - log_s)).sum(-1)  # KL(P_t || P_s) per row, (n,)
+    kl_st = (log_s.exp() * (log_s - log_t)).sum(-1)  # KL(P_s || P_t) per row, (n,)
+    kl = {"teacher-student": kl_ts, "student-teacher": kl_st,
+          "symmetric": (kl_ts + kl_st) / 2}[direction]
     return kl.sum() / len(kl)
 
 
