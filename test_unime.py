@@ -287,13 +287,16 @@ def test_inject_lora_targets(loaded, tmp_path_factory, include_vision):
 
 # ---------------------------------------------------------------- §3.2 Eq. 2 distillation
 
-def kl_rows_by_hand(sa, sp, ta, tp, tau, direction):
-    """Eq. 2 with python loops: per row, softmax over the batch, KL, summed, divided by n."""
+def kl_rows_by_hand(sa, sp, ta, tp, tau, direction, sn=None, tn=None):
+    """Eq. 2 with python loops: per row, softmax over the batch's positives (then the hard
+    negatives sn / tn, when given, as extra columns), KL, summed, divided by n."""
     n = len(sa)
+    s_cols = list(sp) + ([] if sn is None else list(sn))
+    t_cols = list(tp) + ([] if tn is None else list(tn))
     total = 0.0
     for i in range(n):
-        s = [float(sa[i] @ sp[j]) / tau for j in range(n)]
-        t = [float(ta[i] @ tp[j]) / tau for j in range(n)]
+        s = [float(sa[i] @ x) / tau for x in s_cols]
+        t = [float(ta[i] @ x) / tau for x in t_cols]
         zs, zt = sum(math.exp(x) for x in s), sum(math.exp(x) for x in t)
         ps, pt = [math.exp(x) / zs for x in s], [math.exp(x) / zt for x in t]
         p, q = (pt, ps) if direction == "teacher-student" else (ps, pt)
@@ -338,12 +341,14 @@ def test_kd_gradient_moves_student_toward_teacher():
 def test_kd_hard_negatives_are_extra_columns():
     sa, sp, sn = unit(5, 8, seed=12), unit(5, 8, seed=13), unit(5, 8, seed=14)
     ta, tp, tn = unit(5, 6, seed=15), unit(5, 6, seed=16), unit(5, 6, seed=17)
-    got = distill.kd_loss(sa, sp, ta, tp, 0.05, student_neg=sn, teacher_neg=tn).item()
-    # by hand: the columns are the 5 positives and then the 5 negatives
-    s = (sa @ torch.cat([sp, sn]).T / 0.05).log_softmax(-1)
-    t = (ta @ torch.cat([tp, tn]).T / 0.05).log_softmax(-1)
-    assert got == pytest.approx(sum((t[i].exp() * (t[i] - s[i])).sum().item()
-                                    for i in range(5)) / 5, rel=1e-9)
+    for direction in ("teacher-student", "student-teacher"):
+        got = distill.kd_loss(sa, sp, ta, tp, 0.05, direction, student_neg=sn,
+                              teacher_neg=tn).item()
+        # per row, the loop's columns are the 5 positives and then the 5 negatives
+        want = kl_rows_by_hand(sa, sp, ta, tp, 0.05, direction, sn, tn)
+        assert got == pytest.approx(want, rel=1e-9)
+        # the negatives matter: without them the rows are other distributions
+        assert abs(want - kl_rows_by_hand(sa, sp, ta, tp, 0.05, direction)) > 1e-3
 
 
 # ---------------------------------------------------------------- LoRA
