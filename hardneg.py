@@ -137,7 +137,7 @@ def masked_infonce_loss(q, c, beta=0.1, tau=0.02, return_stats=False):
 def hardness_weighted_loss(q, c, alpha=9.0, beta=None, tau=0.02, symmetric=False,
                            return_stats=False):
     """NOT UniME: LLaVE's hardness-weighted contrastive loss (Lan et al. 2025, arXiv 2503.04812;
-    its code: llava/model/language_model/loss.py, WeightedClipLoss). Every negative's logit is
+    code: DeepLearnXMU/LLaVE, llava/model/language_model/loss.py). Every negative's logit is
     S_ij/τ + α·sg(S_ij): in the full-batch denominator negative j weighs e^{α S_ij}, so the
     hard ones count more, while the gradient still flows only through S_ij/τ.
 
