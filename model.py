@@ -1,18 +1,23 @@
-"""An MLLM as an embedding model (UniME §3.1), a hand-written LoRA, and the embedded tiny MLLM.
+"""An MLLM as an embedding model (UniME §3.1), the LoRA it trains, and its stage outputs.
 
 The embedding of an input is the final-layer hidden state of its *last real token* under a
 summarizing prompt ("... Summary above image in one word:"), L2-normalized. Any Hugging Face
 image-text-to-text model works; the prompt template depends on the backbone family.
+A stage of train.py writes a folder that `load_embedder` turns back into a model: the adapter
+merged onto the model it started from.
 """
+import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
+import uuid
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# ---------------------------------------------------------------- prompts (§3.1)
 
 TEXT_INSTRUCTION = "Summary above sentence in one word:"
 IMAGE_INSTRUCTION = "Summary above image in one word:"
@@ -70,7 +75,12 @@ def load_mllm(name_or_path, dtype=torch.float32, device="cpu", trust_remote_code
     """(model, processor, family) from a Hugging Face id or a local folder."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, \
         AutoProcessor
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}\n"
+                         f"Offline, pass a local folder (save_pretrained) or set HF_HOME to a "
+                         f"cache that holds it; remote-code models need --trust-remote-code.")
     family = family_of(family or config.model_type)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     try:
@@ -82,7 +92,27 @@ def load_mllm(name_or_path, dtype=torch.float32, device="cpu", trust_remote_code
     return model.to(device), processor, family
 
 
-# ---------------------------------------------------------------- last-token embedding
+def precision(device, dtype="auto"):
+    """The one place that decides precision -> (dtype of the frozen weights, autocast dtype or
+    None). auto: bf16 weights and bf16 autocast on CUDA (the paper trains in BF16), fp32 on the
+    CPU; fp32: fp32 everywhere; bf16: bf16 autocast on any device, fp32 weights on the CPU."""
+    cuda = torch.device(device).type == "cuda"
+    if dtype == "fp32":
+        return torch.float32, None
+    if dtype == "bf16" or (dtype == "auto" and cuda):
+        return (torch.bfloat16 if cuda else torch.float32), torch.bfloat16
+    if dtype != "auto":
+        raise ValueError(f"dtype must be auto, fp32 or bf16, not {dtype!r}")
+    return torch.float32, None
+
+
+def autocast(device, amp):
+    """Autocast to `amp` (a dtype from `precision`), or a no-op when it is None."""
+    return torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16,
+                          enabled=amp is not None)
+
+
+# ---------------------------------------------------------------- last-token embedding (§3.1)
 
 def last_token_pool(hidden, attention_mask):
     """(n, L, d), (n, L) -> (n, d): the hidden state at the last position whose mask is 1.
@@ -102,6 +132,16 @@ def embed(model, batch):
     out = base_model(model)(**batch, use_cache=False)
     return F.normalize(last_token_pool(out.last_hidden_state, batch["attention_mask"]).float(),
                        dim=-1)
+
+
+def modality_chunks(has_image, chunk_size):
+    """Row indices grouped into chunks of one modality (text-only rows, then rows with an
+    image), at most chunk_size each: one processor call per chunk, padding per chunk."""
+    chunks = []
+    for with_image in (False, True):
+        rows = [i for i, h in enumerate(has_image) if bool(h) == with_image]
+        chunks += [rows[s:s + chunk_size] for s in range(0, len(rows), chunk_size)]
+    return chunks
 
 
 def process(processor, family, texts=None, images=None, instruction=None, instructions=None,
@@ -124,34 +164,24 @@ def process(processor, family, texts=None, images=None, instruction=None, instru
     return processor(**kwargs).to(device)
 
 
-def autocast(device, bf16=None):
-    """bf16 autocast, on CUDA by default; on CPU only when asked (bf16=True)."""
-    device_type = torch.device(device).type
-    enabled = device_type == "cuda" if bf16 is None else bf16
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
-
-
 @torch.no_grad()
 def encode(model, processor, family, texts=None, images=None, instructions=None, batch_size=64,
-           device="cpu"):
-    """Embed many inputs without gradients -> (n, d) float32 on CPU. Rows with and without an
-    image are batched separately (one processor call per modality), then put back in order."""
+           device="cpu", amp=None):
+    """Embed many inputs without gradients -> (n, d) float32 on the CPU, in input order.
+    Rows with and without an image are batched apart (`modality_chunks`)."""
     n = len(next(x for x in (texts, images, instructions) if x is not None))
     texts = texts if texts is not None else [None] * n
     images = images if images is not None else [None] * n
     instructions = instructions if instructions is not None else [None] * n
-    out = [None] * n
-    for has_image in (False, True):
-        rows = [i for i in range(n) if (images[i] is not None) == has_image]
-        for s in range(0, len(rows), batch_size):
-            idx = rows[s:s + batch_size]
-            batch = process(processor, family, [texts[i] for i in idx], [images[i] for i in idx],
-                            instructions=[instructions[i] for i in idx], device=device)
-            with autocast(device):
-                e = embed(model, batch).cpu()
-            for j, i in enumerate(idx):
-                out[i] = e[j]
-    return torch.stack(out) if n else torch.empty(0)
+    out = torch.empty(0)
+    for idx in modality_chunks([img is not None for img in images], batch_size):
+        batch = process(processor, family, [texts[i] for i in idx], [images[i] for i in idx],
+                        instructions=[instructions[i] for i in idx], device=device)
+        with autocast(device, amp):
+            e = embed(model, batch).cpu()
+        out = out if len(out) else torch.empty(n, e.shape[1])
+        out[idx] = e
+    return out
 
 
 # ---------------------------------------------------------------- LoRA, written out
@@ -223,34 +253,6 @@ def lora_state_dict(model):
             if k.endswith(("lora_A", "lora_B"))}
 
 
-def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_code=False,
-                  family=None):
-    """(model, processor, family) for an HF id, a model folder, or a stage output of train.py:
-    a folder with `unime.json` (what it started from, the LoRA shape) and `adapter.pt`. A stage
-    output is loaded by loading what it started from (recursively), then merging its adapter."""
-    meta_path = os.path.join(str(path_or_id), "unime.json")
-    if not os.path.isfile(meta_path):
-        return load_mllm(path_or_id, dtype, device, trust_remote_code, family)
-    with open(meta_path) as f:
-        meta = json.load(f)
-    init = meta["init"]
-    if meta.get("init_is_local"):
-        init = os.path.normpath(os.path.join(str(path_or_id), init))
-    model, processor, family = load_embedder(init, device, dtype,
-                                             meta.get("trust_remote_code", False),
-                                             family or meta.get("family"))
-    inject_lora(model, **meta["lora"])
-    load_lora(model, torch.load(os.path.join(str(path_or_id), "adapter.pt"), map_location="cpu"))
-    return merge_lora(model).to(device), processor, family
-
-
-def stage_meta(init, out, lora, **extra):
-    """What `load_embedder` needs to rebuild a stage output from the model it started from."""
-    local = os.path.exists(init)
-    return {"init": os.path.relpath(init, out) if local else init, "init_is_local": local,
-            "lora": lora, **extra}
-
-
 def load_lora(model, state):
     missing = set(lora_state_dict(model)) ^ set(state)
     if missing:
@@ -258,64 +260,119 @@ def load_lora(model, state):
     model.load_state_dict(state, strict=False)
 
 
-# ---------------------------------------------------------------- the embedded tiny MLLM
 
-TINY_CONFIG = dict(width=64, layers=2, heads=2, image_size=32, patch_size=8, vocab_size=400)
+# ---------------------------------------------------------------- stage outputs
+
+def save_atomic(path, obj):
+    """The one atomic writer: `obj` (text, or anything torch.save takes) goes to a temporary
+    file in the same folder, then is renamed to `path`, so a crash never leaves a torn file
+    where a good one was expected. Files get the usual permissions (mkstemp's are 0600)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(obj.encode()) if isinstance(obj, str) else torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)  # our own temporary file, nothing else
+        raise
 
 
-def build_tiny_mllm(path, corpus, seed=0, **overrides):
-    """A LLaVA-architecture MLLM (CLIP vision tower, projector, Llama decoder) with random
-    weights and a byte-level BPE tokenizer trained on `corpus`, saved like a downloaded model.
-    Deterministic from `seed`. Written to a temporary folder and renamed, so a crash leaves
-    no half-built model behind."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor,
-                              PreTrainedTokenizerFast)
-    c = {**TINY_CONFIG, **overrides}
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=c["vocab_size"], special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>",
-                                        extra_special_tokens={"image_token": "<image>"},
-                                        padding_side="left")
-    n_patches = (c["image_size"] // c["patch_size"]) ** 2
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=c["width"], intermediate_size=2 * c["width"],
-            num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-            image_size=c["image_size"], patch_size=c["patch_size"], projection_dim=c["width"]),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=c["width"], intermediate_size=2 * c["width"],
-            num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-            num_key_value_heads=c["heads"], max_position_embeddings=256,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=n_patches, vision_feature_layer=-1,
-        vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    size = {"height": c["image_size"], "width": c["image_size"]}
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": c["image_size"]},
-                                              crop_size=size),
-        tokenizer=tokenizer, patch_size=c["patch_size"], vision_feature_select_strategy="default",
-        num_additional_image_tokens=1)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent)
+def save_pretrained(out, model, processor):
+    """model.save_pretrained and processor.save_pretrained, atomically per file: written into a
+    temporary folder inside `out`, then each file renamed into place with the usual
+    permissions. Nothing else in `out` is touched."""
+    os.makedirs(out, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    os.rmdir(tmp)  # empty now: the folder this function made
+
+
+def model_identity(path):
+    """What a model is, to tell it from another: a stage output's id; for a folder, its files'
+    names, sizes and contents (large weight files by size and mtime: hashing GBs is slow); a
+    hub id as given."""
+    meta = read_stage_meta(path)
+    if meta:
+        return meta["id"]
+    if not os.path.isdir(path):
+        return str(path)
+    h = hashlib.sha256()
+    for f in sorted(os.scandir(path), key=lambda f: f.name):
+        if f.is_file() and not f.name.startswith("."):
+            st = f.stat()
+            h.update(f"{f.name} {st.st_size}".encode())
+            if st.st_size < 64 << 20:
+                with open(f.path, "rb") as fh:
+                    h.update(fh.read())
+            else:
+                h.update(str(st.st_mtime_ns).encode())
+    return f"{os.path.basename(os.path.normpath(path))}@{h.hexdigest()[:16]}"
+
+
+def read_stage_meta(path):
+    """The `unime.json` of a finished stage output, else None. It is written last, so its
+    presence marks the output complete."""
+    meta_path = os.path.join(str(path), "unime.json")
+    if not os.path.isfile(meta_path):
+        return None
+    with open(meta_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_stage_output(out, model, processor, init, stage, family, lora):
+    """What a later stage or eval.py loads: the adapter (or, with lora=None, the whole model),
+    then `unime.json`: what it started from, that model's identity, the LoRA shape."""
+    if lora:
+        save_atomic(os.path.join(out, "adapter.pt"), lora_state_dict(model))
+    else:  # full fine-tuning: the folder is the model
+        save_pretrained(out, model, processor)
+    local = os.path.exists(init)
+    meta = {"stage": stage, "family": family, "lora": lora, "id": uuid.uuid4().hex,
+            "init": os.path.relpath(init, out) if local else init, "init_is_local": local,
+            "init_identity": model_identity(init)}
+    save_atomic(os.path.join(out, "unime.json"), json.dumps(meta, indent=1))
+
+
+def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_code=False,
+                  family=None):
+    """(model, processor, family) for an HF id, a model folder, or a stage output of train.py.
+    A LoRA stage output is loaded by loading what it started from (recursively), checking that
+    it is still the model the adapter was trained on, then merging the adapter. Remote code
+    runs only when the caller passes trust_remote_code, never because a file says so."""
+    path = str(path_or_id)
+    meta = read_stage_meta(path)
+    if meta is None:
+        if os.path.isfile(os.path.join(path, "checkpoint.pt")):
+            raise SystemExit(f"{path} is an unfinished training run (a checkpoint but no "
+                             f"unime.json): finish it with train.py --resume --out {path}")
+        return load_mllm(path, dtype, device, trust_remote_code, family)
+    if not meta["lora"]:  # a full fine-tune: the folder is the model
+        return load_mllm(path, dtype, device, trust_remote_code, family or meta["family"])
+    init = os.path.normpath(os.path.join(path, meta["init"])) if meta["init_is_local"] \
+        else meta["init"]
+    if model_identity(init) != meta["init_identity"]:
+        raise SystemExit(f"{path}: its adapter was trained on {init} as it was then "
+                         f"({meta['init_identity']}); that model has changed since "
+                         f"({model_identity(init)}). Retrain this stage from it.")
+    model, processor, family = load_embedder(init, device, dtype, trust_remote_code,
+                                             family or meta["family"])
+    inject_lora(model, **meta["lora"])
+    load_lora(model, torch.load(os.path.join(path, "adapter.pt"), map_location="cpu",
+                                weights_only=True))
+    return merge_lora(model).to(device), processor, family
 
 
 def count_parameters(model, trainable_only=False):

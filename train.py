@@ -1,47 +1,35 @@
-"""Training: a hand-written loop with GradCache, for UniME's two stages (and the toy's stage 0).
+"""UniME training: one hand-written loop for both stages, with GradCache inside.
 
-  python train.py --stage 0   # toy only, NOT UniME: next-token pretraining of the tiny MLLM
-  python train.py --stage 1   # §3.2 textual discriminative knowledge distillation
-  python train.py --stage 2   # §3.3 hard-negative enhanced instruction tuning
+  python train.py --stage 1   # §3.2 textual discriminative knowledge distillation (Eq. 2)
+  python train.py --stage 2   # §3.3 hard-negative enhanced instruction tuning (Eq. 3-4)
 
-With no other argument each stage runs the embedded default (tiny LLaVA, shapes world,
-all-MiniLM-L6-v2 teacher) and first runs the stages before it when their output is missing.
+Without --model, a stage runs the embedded default (toy.py: a tiny pretrained LLaVA, the shapes
+world, the all-MiniLM-L6-v2 teacher). With --model, --data is the paper's data: SimCSE's NLI
+file (stage 1) or MMEB-train subsets (stage 2); --preset paper sets the paper's hyperparameters
+(§4.1, Table 6). Several GPUs: the same command under torchrun; --batch-size stays global.
 """
-import argparse
+import contextlib
 import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 
+import checkpoint
+import config
 import data
 import distill
-import eval as ev
+import hardneg
 import model as M
+import toy
 
-STAGE_DEFAULTS = {  # the embedded default: minutes on 2 CPU cores
-    0: dict(out="runs/stage0", max_steps=1500, batch_size=60, chunk_size=60, lr=3e-3, warmup=50),
-    1: dict(out="runs/stage1", max_steps=300, batch_size=64, chunk_size=32, lr=1e-3, warmup=20,
-            lora_r=16, lora_alpha=32, lora_dropout=0.05, tau=0.05),
-    2: dict(out="runs/stage2", max_steps=1600, batch_size=64, chunk_size=64, lr=1e-3, warmup=20,
-            lora_r=16, lora_alpha=32, lora_dropout=0.05, tau=0.02, image_size=None),
-}
-TOY_STAGE_DEFAULTS = {2: dict(lora_r=0)}  # the toy fine-tunes all 0.2M weights in stage 2
-PRESETS = {"paper": {  # SPEC §7; stage-1 epochs, not steps: 2 epochs of the NLI pairs
-    1: dict(batch_size=768, chunk_size=64, lr=5e-4, lora_r=32, lora_alpha=64, lora_dropout=0.05,
-            epochs=2, warmup=20, teacher="nvidia/NV-Embed-v2", teacher_pooling="nv-embed",
-            model="microsoft/Phi-3.5-vision-instruct", trust_remote_code=True, save_every=100),
-    2: dict(batch_size=1024, chunk_size=32, lr=1e-4, lora_r=16, lora_alpha=64, lora_dropout=0.1,
-            max_steps=1000, warmup=100, tau=0.02, image_size=336, save_every=100),
-}}
-TOY_BASE, TOY_STAGE0 = "runs/tiny-base", "runs/stage0"
+SIDES = {1: ("sent0", "sent1"), 2: ("qry", "pos")}  # the two embedded sides of a pair
 
 
-# ---------------------------------------------------------------- the pieces of the loop
+# ---------------------------------------------------------------- the batch
 
 def lr_at(step, lr, warmup, max_steps, min_ratio=0.1):
     """Linear warmup, then cosine decay to min_ratio * lr."""
@@ -52,528 +40,315 @@ def lr_at(step, lr, warmup, max_steps, min_ratio=0.1):
 
 
 def batch_rows(step, n_rows, batch_size, seed):
-    """Row ids of a step: one seeded permutation per epoch, so the data position is a function
-    of the step and a resumed run sees exactly the batches it would have seen."""
+    """Row ids of a step's global batch: one seeded permutation per epoch, so the data position
+    is a function of the step and a resumed run sees exactly the batches it would have seen."""
     per_epoch = n_rows // batch_size
     if per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the data ({n_rows} rows)")
+        raise ValueError(f"--batch-size {batch_size} is larger than the data ({n_rows} rows)")
     epoch, i = divmod(step, per_epoch)
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))
     return order[i * batch_size:(i + 1) * batch_size].tolist()
 
 
-def _rng_state(device):
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+def pair_input(stage, row, side):
+    """(text, image, instruction) of one side of a pair: stage 1 embeds a sentence under the
+    "in one word" prompt (§3.2); stage 2 embeds MMEB's own prompt text and image (§3.3)."""
+    if stage == 1:
+        return row[side], None, None
+    return None, row[f"{side}_image"], row[side]
 
 
-def gradcache_step(embed_fn, groups, loss_fn, device):
-    """One large-batch step with memory that follows the chunk (SPEC §4, Gao et al. 2021).
-    groups: {name: [chunk inputs, ...]}; embed_fn(chunk) -> (c, d); loss_fn(**{name: (n, d)})
-    -> scalar. Leaves in .grad exactly the parameter gradients of one full-batch step."""
-    device = torch.device(device)
-    # 1. embed every chunk without building a graph; remember the RNG state before each
-    states, reps, sizes = {}, {}, {}
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step` = this rank's share of that step's global batch, ready for the model: per
+    side, chunks of one modality, tokenized with their images decoded and resized (padding per
+    chunk). DataLoader workers prepare the next steps while the current one trains; the inputs
+    stay on the CPU until their chunk's forward."""
+
+    def __init__(self, args, source, processor, family, rank, world):
+        self.args, self.source, self.processor, self.family = args, source, processor, family
+        self.rank, self.world = rank, world
+
+    def __len__(self):
+        return self.args.max_steps
+
+    def __getitem__(self, step):
+        a = self.args
+        ids = batch_rows(step, self.source["n_rows"], a.batch_size, a.seed)
+        n = len(ids) // self.world
+        ids = ids[self.rank * n:(self.rank + 1) * n]  # this rank's shard
+        rows = self.source["rows"](ids)
+        sides = {}
+        for side in SIDES[a.stage] + (("hard_neg",) if a.hard_negatives else ()):
+            inputs = [pair_input(a.stage, r, side) for r in rows]
+            sides[side] = [(idx, M.process(
+                self.processor, self.family, [inputs[i][0] for i in idx],
+                [data.load_image(inputs[i][1], a.image_size) if inputs[i][1] else None
+                 for i in idx], instructions=[inputs[i][2] for i in idx]))
+                for idx in M.modality_chunks([x[1] is not None for x in inputs], a.chunk_size)]
+        return {"ids": torch.tensor(ids), "sides": sides}
+
+
+# ---------------------------------------------------------------- GradCache (§4.1)
+
+def gradcache_step(model, sides, loss_fn, device, amp):
+    """One large-batch step whose memory follows the chunk (Gao et al. 2021). sides: {name:
+    [(row positions, processed chunk), ...]}; loss_fn({name: (n, d)}) -> (loss, stats). Leaves
+    in .grad exactly the parameter gradients of one full-batch step."""
+    def forward(chunk):
+        with M.autocast(device, amp):
+            return M.embed(model, chunk.to(device, non_blocking=True))
+
+    def rng_state():
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
+    cuda = torch.device(device).type == "cuda"
+    # 1. embed every chunk without a graph, remembering the RNG state before each
+    states, reps = {}, {}
     with torch.no_grad():
-        for name, chunks in groups.items():
+        for name, chunks in sides.items():
             states[name], outs = [], []
-            for chunk in chunks:
-                states[name].append(_rng_state(device))
-                outs.append(embed_fn(chunk))
-            sizes[name] = [len(o) for o in outs]
-            reps[name] = torch.cat(outs).detach().requires_grad_()
+            for idx, chunk in chunks:
+                states[name].append(rng_state())
+                outs.append((idx, forward(chunk)))
+            rep = torch.empty(sum(len(i) for i, _ in outs), outs[0][1].shape[1], device=device)
+            for idx, e in outs:
+                rep[torch.as_tensor(idx, device=device)] = e  # back to row order
+            reps[name] = rep.requires_grad_()
     # 2. the loss of the whole batch, and its gradient at every embedding
-    loss = loss_fn(**reps)
+    loss, stats = loss_fn(reps)
     loss.backward()
-    # 3. re-embed each chunk with a graph, same RNG (dropout repeats), backward the surrogate
-    for name, chunks in groups.items():
-        grads = reps[name].grad.split(sizes[name])
-        for chunk, (cpu_state, cuda_state), grad in zip(chunks, states[name], grads):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.set_rng_state(cpu_state)
-                if cuda_state is not None:
-                    torch.cuda.set_rng_state(cuda_state, device)
-                (embed_fn(chunk) * grad).sum().backward()
-    return loss.detach(), {name: r.detach() for name, r in reps.items()}
+    # 3. re-embed each chunk with a graph under its saved RNG state (dropout repeats), and
+    #    backpropagate the cached gradient through it
+    for name, chunks in sides.items():
+        for (idx, chunk), (cpu, gpu) in zip(chunks, states[name]):
+            with torch.random.fork_rng(devices=[device] if cuda else []):
+                torch.set_rng_state(cpu)
+                if gpu is not None:
+                    torch.cuda.set_rng_state(gpu, device)
+                grad = reps[name].grad[torch.as_tensor(idx, device=device)]
+                (forward(chunk) * grad).sum().backward()
+    return loss.detach(), stats
 
 
-def chunked(items, size):
-    return [items[s:s + size] for s in range(0, len(items), size)]
+# ---------------------------------------------------------------- several GPUs
 
-
-def trainable_state(model):
-    return {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(out, model, opt, step, args):
-    distill.save_atomic({"trainable": trainable_state(model), "optimizer": opt.state_dict(),
-                         "step": step, "data_position": step * args.batch_size,
-                         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                                 "cuda": torch.cuda.get_rng_state_all()
-                                 if torch.cuda.is_available() else None},
-                         "args": vars(args)}, os.path.join(out, "checkpoint.pt"))
-
-
-def resume(out, model, opt):
-    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
-    model.load_state_dict(ckpt["trainable"], strict=False)
-    opt.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    random.setstate(ckpt["rng"]["python"])
-    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["step"]
-
-
-def train_loop(args, model, step_fn, n_rows, on_save=None):
-    """The loop, written out: LR, forward + backward (inside step_fn), clip, step, log, save."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    os.makedirs(args.out, exist_ok=True)
-    start = resume(args.out, model, opt) if args.resume else 0
-    max_steps = args.max_steps
-    log_path = os.path.join(args.out, "log.jsonl")
-    kept = [line for line in open(log_path) if json.loads(line)["step"] <= start] \
-        if start else []  # drop what was logged after the checkpoint we resume from
-    log = open(log_path, "w")
-    log.writelines(kept)
-    t0, seen = time.time(), 0
-    for step in range(start, max_steps):
-        lr = lr_at(step, args.lr, args.warmup, max_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        model.train()
-        loss, stats = step_fn(batch_rows(step, n_rows, args.batch_size, args.seed))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # pre-clip norm
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seen += args.batch_size
-        rate = seen / (time.time() - t0)
-        record = {"step": step + 1, "loss": round(loss.item(), 5), "lr": lr,
-                  "grad_norm": round(grad_norm.item(), 5), "samples_per_s": round(rate, 1),
-                  **stats}
-        if not getattr(args, "is_main", True):
-            continue  # other ranks of a torchrun job neither log nor save
-        log.write(json.dumps(record) + "\n")
-        if (step + 1) % args.log_every == 0 or step + 1 == max_steps:
-            eta = (max_steps - step - 1) * args.batch_size / rate
-            print(f"step {step + 1}/{max_steps} loss {loss.item():.4f} lr {lr:.2e} "
-                  f"grad {grad_norm.item():.3f} {rate:.0f} samples/s ETA {eta:.0f}s", flush=True)
-        if (step + 1) % args.save_every == 0 or step + 1 == max_steps:
-            log.flush()
-            save_checkpoint(args.out, model, opt, step + 1, args)
-            if on_save:
-                on_save()
-    log.close()
-    return model
-
-
-def autocast_embed(model, args):
-    """The chunk forward of GradCache: autocast goes inside it (SPEC §4)."""
-    def embed_fn(batch):
-        with M.autocast(args.device, args.bf16):
-            return M.embed(model, batch)
-    return embed_fn
-
-
-def save_stage_output(args, model, processor, family, lora, stage):
-    """What a later stage or eval.py loads: the adapter and `unime.json` (what it started from),
-    or with --lora-r 0 the whole model. Every file is written to a temporary name, then renamed."""
-    if args.lora_r > 0:
-        distill.save_atomic(M.lora_state_dict(model), os.path.join(args.out, "adapter.pt"))
-        meta = M.stage_meta(args.model, args.out, lora, stage=stage, family=family,
-                            trust_remote_code=args.trust_remote_code)
-        with open(os.path.join(args.out, "unime.json.tmp"), "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(os.path.join(args.out, "unime.json.tmp"), os.path.join(args.out, "unime.json"))
-        return
-    tmp = tempfile.mkdtemp(dir=args.out)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(args.out, name))
-    os.rmdir(tmp)
-
-
-# ---------------------------------------------------------------- stage 0 (toy only)
-
-def caption_loss(model, processor, family, images, captions, device):
-    """Next-token loss on the caption tokens only, after "Describe the image:". Left padding
-    puts every caption at the end of its row, so its labels are the row's last tokens."""
-    eos = processor.tokenizer.eos_token
-    prompt = M.format_prompt(family, image=True, instruction="Describe the image:")
-    batch = processor(text=[f"{prompt} {c}{eos}" for c in captions], images=images,
-                      padding=True, return_tensors="pt").to(device)
-    labels = torch.full_like(batch["input_ids"], -100)
-    for i, c in enumerate(captions):
-        n = len(processor.tokenizer(f" {c}{eos}", add_special_tokens=False)["input_ids"])
-        labels[i, -n:] = batch["input_ids"][i, -n:]
-    return model(**batch, labels=labels).loss
-
-
-def one_word_loss(model, processor, family, keywords, device, texts=None, images=None):
-    """Cross-entropy at the embedding position (the last prompt token) under the "in one word"
-    prompts, against the uniform distribution over the scene's keywords: the expected loss of
-    a one-word answer drawn at random, without the sampling noise. These answers are what
-    align the two modalities (SPEC §8)."""
-    batch = M.process(processor, family, texts=texts, images=images, device=device)
-    logits = model(**batch).logits[:, -1]  # (n, vocab)
-    target = torch.zeros_like(logits)
-    for i, words in enumerate(keywords):
-        ids = [processor.tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0]
-               for w in words]
-        target[i, ids] = 1 / len(ids)
-    return -(target * logits.float().log_softmax(-1)).sum(-1).mean()
-
-
-def stage0_loss(model, processor, family, scenes, seed, device):
-    """A pretrained MLLM's skills, in three equal parts: captioning an image, and naming the
-    scene in one word after the image prompt and after the sentence prompt."""
-    rngs = [random.Random(f"{seed}-{i}-{scene}") for i, scene in enumerate(scenes)]
-    third = len(scenes) // 3
-    cap, img, txt = scenes[:third], scenes[third:2 * third], scenes[2 * third:]
-    draw = [data.draw(s, r) for s, r in zip(scenes, rngs)]
-    texts = [data.paraphrase(s, r) if r.random() < 0.5 else data.caption(s)
-             for s, r in zip(txt, rngs[2 * third:])]
-    losses = [caption_loss(model, processor, family, draw[:third],
-                           [data.caption(s) for s in cap], device),
-              one_word_loss(model, processor, family, [data.keywords(s) for s in img], device,
-                            images=draw[third:2 * third]),
-              one_word_loss(model, processor, family, [data.keywords(s) for s in txt], device,
-                            texts=texts)]
-    return sum(losses) / 3
-
-
-def run_stage0(args):
-    if not os.path.exists(os.path.join(TOY_BASE, "config.json")):
-        M.build_tiny_mllm(TOY_BASE, data.corpus(), seed=args.seed)
-    model, processor, family = M.load_mllm(TOY_BASE, device=args.device)
-    scenes = data.split_scenes(args.seed)["pretrain"]
-
-    def step_fn(rows):
-        with M.autocast(args.device, args.bf16):
-            loss = stage0_loss(model, processor, family, [scenes[r] for r in rows],
-                               args.seed + rows[0], args.device)
-        loss.backward()
-        return loss.detach(), {}
-
-    before = toy_heldout(model, processor, family, args)
-    train_loop(args, model, step_fn, len(scenes))
-    after = toy_heldout(model, processor, family, args)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(args.out)))  # then rename
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    for f in ("log.jsonl", "checkpoint.pt"):
-        shutil.move(os.path.join(args.out, f), os.path.join(tmp, f))
-    shutil.rmtree(args.out)
-    os.replace(tmp, args.out)
-    print_table("stage 0 (toy pretraining, not UniME): zero-shot retrieval on held-out scenes",
-                before, after)
-
-
-def print_table(title, before, after):
-    print(f"\n{title}\n| metric | before | after |\n|---|---|---|")
-    for k in before:
-        print(f"| {k} | {before[k]:.3f} | {after[k]:.3f} |")
-
-
-# ---------------------------------------------------------------- stage 1 (§3.2)
-
-def stage1_data(args):
-    """(train rows, held-out rows): the NLI file of --data, or the toy's text pairs."""
-    if args.data:
-        rows = data.read_nli(args.data)
-        n_eval = min(args.eval_pairs, len(rows) // 10)
-        return rows[:-n_eval] if n_eval else rows, rows[-n_eval:] if n_eval else rows[:0]
-    splits = data.split_scenes(args.seed)
-    return (data.toy_text_pairs(splits["train"], 2000, args.seed),
-            data.toy_text_pairs(splits["test"], args.eval_pairs, args.seed + 1))
-
-
-def run_stage1(args):
-    train_rows, eval_rows = stage1_data(args)
-    keys = ("sent0", "sent1", "hard_neg") if args.hard_negatives else ("sent0", "sent1")
-    texts, index = distill.unique_texts(train_rows + eval_rows, keys)
-    cache = args.teacher_cache or os.path.join(
-        "runs", "cache", f"teacher-{args.teacher.replace('/', '_')}-"
-        f"{distill.texts_hash(texts)[:12]}.pt")
-    t0 = time.time()
-    teacher = distill.teacher_embeddings(texts, args.teacher, cache, args.teacher_pooling,
-                                         args.device, args.trust_remote_code)
-    print(f"teacher embeddings: {len(texts)} texts, {teacher.shape[1]}-d, "
-          f"{time.time() - t0:.1f}s (cache {cache})")
-    model, processor, family = M.load_embedder(args.model, args.device, args.weights_dtype,
-                                               args.trust_remote_code, args.family)
-    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-    M.inject_lora(model, **lora)  # the LLM only: vision tower and projector stay frozen
-    print(f"trainable: {M.count_parameters(model, True):,} of {M.count_parameters(model):,}")
-
-    embed_fn = autocast_embed(model, args)
-
-    def step_fn(rows):
-        rows = [train_rows[r] for r in rows]
-        groups = {k: [M.process(processor, family, texts=[r[k] for r in c], device=args.device)
-                      for c in chunked(rows, args.chunk_size)] for k in keys}
-        t = {k: teacher[[index[r[k]] for r in rows]].to(args.device) for k in keys}
-
-        def loss_fn(sent0, sent1, hard_neg=None):
-            return distill.kd_loss(sent0, sent1, t["sent0"], t["sent1"], args.tau,
-                                   args.kd_direction, hard_neg, t.get("hard_neg"))
-        loss, _ = gradcache_step(embed_fn, groups, loss_fn, args.device)
-        return loss, {}
-
-    def agreement():
-        model.eval()
-        a = M.encode(model, processor, family, texts=[r["sent0"] for r in eval_rows],
-                     device=args.device)
-        p = M.encode(model, processor, family, texts=[r["sent1"] for r in eval_rows],
-                     device=args.device)
-        ta = teacher[[index[r["sent0"]] for r in eval_rows]]
-        tp = teacher[[index[r["sent1"]] for r in eval_rows]]
-        return distill.teacher_agreement(a, p, ta, tp)
-
-    before = agreement() if eval_rows else {}
-    train_loop(args, model, step_fn, len(train_rows),
-               on_save=lambda: save_stage_output(args, model, processor, family, lora, 1))
-    after = agreement() if eval_rows else {}
-    if eval_rows:
-        print_table(f"stage 1: agreement with the teacher on {len(eval_rows)} held-out pairs",
-                    before, after)
-    return before, after
-
-
-# ---------------------------------------------------------------- stage 2 (§3.3)
-
-def modality_chunks(rows, side, chunk_size, processor, family, device, image_size=None):
-    """Process one side ("qry" or "pos") of a batch in chunks of a single modality (one
-    processor call each, padding per chunk). Returns the chunks and `order`: the row of each
-    embedding in concatenation order."""
-    chunks, order = [], []
-    for with_image in (False, True):
-        ids = [i for i, r in enumerate(rows) if (r[f"{side}_image"] is not None) == with_image]
-        for c in chunked(ids, chunk_size):
-            images = [data.load_image(rows[i][f"{side}_image"], image_size) for i in c] \
-                if with_image else None
-            chunks.append(M.process(processor, family, images=images,
-                                    instructions=[rows[i][side] for i in c], device=device))
-            order += c
-    return chunks, order
-
-
-def init_distributed(args):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process is the plain single-GPU case."""
-    import torch.distributed as dist
+def init_distributed(device):
+    """torchrun sets WORLD_SIZE, RANK and LOCAL_RANK -> (rank, world, device); one process is
+    the plain single-GPU case."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
+    if world == 1:
+        return 0, 1, device
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    return dist.get_rank(), world, device
 
 
-def run_stage2(args):
-    import hardneg
-    import torch.distributed as dist
-    rank, world = init_distributed(args)
-    args.is_main = rank == 0
-    model, processor, family = M.load_embedder(args.model, args.device, args.weights_dtype,
-                                               args.trust_remote_code, args.family)
-    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                include_vision=True)  # a new LoRA on the whole MLLM, vision tower included
-    if args.lora_r > 0:
-        M.inject_lora(model, **lora)
-    else:  # --lora-r 0: full fine-tuning (the toy's default: a LoRA on 64-wide layers is slow)
+def gather_with_grad(t):
+    """(n_local, d) on each rank -> (world * n_local, d) in rank order. all_gather returns
+    copies without gradient, so the local shard is put back as `t` itself (the official example
+    drops it, and its rows then get no gradient). Hard negatives are then mined over the global
+    batch, "all targets across GPUs" (§3.3)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    parts[dist.get_rank()] = t
+    return torch.cat(parts)
+
+
+def average_gradients(params, world):
+    """What DDP does, as one flat all-reduce over a fixed list of parameters: a parameter
+    without a gradient on this rank (no image in its shard: no vision-tower pass) sends zeros,
+    so every rank reduces the same tensor in the same order."""
+    if world == 1:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+# ---------------------------------------------------------------- the stage's loss
+
+def stage_loss(args, reps, teacher, generator, world):
+    """Eq. 2 (stage 1) or Eq. 4 (stage 2) over the global batch: each rank holds its shard's
+    embeddings and gathers the others'. Every rank computes the same loss L, but its backward
+    reaches only its own shard; DDP-style averaging divides by `world`, so the loss is scaled
+    by it and the averaged gradient is dL/dθ."""
+    g = {side: gather_with_grad(e) for side, e in reps.items()}
+    if args.stage == 1:
+        t = {side: gather_with_grad(rows) for side, rows in teacher.items()}
+        loss = distill.kd_loss(g["sent0"], g["sent1"], t["sent0"], t["sent1"], args.tau,
+                               args.kd_direction, g.get("hard_neg"), t.get("hard_neg"))
+        stats = {}
+    else:
+        loss, stats = hardneg.hardneg_loss(g["qry"], g["pos"], args.k, args.beta, args.tau,
+                                           args.negatives, generator, return_stats=True)
+    return loss * world, stats
+
+
+def collapse_guard(history, k, window=50):
+    """Stop a run whose embeddings have collapsed to one vector: over the last `window` steps
+    the positive is no better than unrelated pairs and the loss sits at ln(k+1), where every
+    logit is equal. Anisotropy alone (unrelated pairs at cosine 0.9, positives above them,
+    common in real MLLMs' last-token states) does not trigger it."""
+    if len(history) < window:
+        return
+    recent = history[-window:]
+    gap = sum(s["pos_sim"] - s["random_pair_cos"] for s in recent) / window
+    loss = sum(s["loss"] for s in recent) / window
+    if gap < 0.01 and abs(loss - math.log(k + 1)) < 0.05:
+        raise SystemExit(
+            f"collapse: over the last {window} steps positives are no closer than unrelated "
+            f"pairs (mean gap {gap:.4f}) and the loss sits at ln(k+1) = {math.log(k + 1):.2f}: "
+            f"every embedding is nearly the same vector. The hard negatives of a model without "
+            f"zero-shot alignment outrank its positives, and making everything identical is the "
+            f"quickest way down. Start from a pretrained MLLM, or lower --lr.")
+
+
+# ---------------------------------------------------------------- the loop
+
+def add_trainable(model, args):
+    """Stage 1: a LoRA on the LLM only, vision tower and projector frozen (§3.2). Stage 2: a
+    new LoRA on the whole stage-1-merged MLLM, vision side included (§3.3); --lora-r 0
+    fine-tunes every weight instead. Returns the LoRA shape (None for full fine-tuning)."""
+    if args.lora_r == 0:
         for p in model.parameters():
             p.requires_grad_(True)
-    print(f"trainable: {M.count_parameters(model, True):,} of {M.count_parameters(model):,}")
-    if args.data:
-        table, skipped = [], 0
-        for path in args.data.split(","):
-            rows, n_skip = data.read_mmeb_train(path, args.image_root, args.skip_missing_images)
-            table, skipped = table + rows, skipped + n_skip
-        print(f"MMEB-train: {len(table)} pairs, {skipped} rows skipped for missing images")
-        get_rows, n_rows = (lambda ids: [table[i] for i in ids]), len(table)
-    else:
-        scenes = data.split_scenes(args.seed)["train"]
-        seen = set(scenes)
-        get_rows, n_rows = (lambda ids: data.toy_stage2_rows(scenes, ids, args.seed + 7, seen)), \
-            len(data.TASKS) * len(scenes)
-    generator = torch.Generator().manual_seed(args.seed)  # random negatives: same on all ranks
-    history = []
+        return None
+    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                include_vision=args.stage == 2)
+    M.inject_lora(model, **lora)
+    return lora
 
-    embed_fn = autocast_embed(model, args)
 
-    def step_fn(ids):
-        n_local = len(ids) // world
-        rows = get_rows(ids[rank * n_local:(rank + 1) * n_local])
-        groups, inverse = {}, {}
-        for side in ("qry", "pos"):
-            groups[side], order = modality_chunks(rows, side, args.chunk_size, processor,
-                                                  family, args.device, args.image_size)
-            inverse[side] = torch.tensor(order).argsort().to(args.device)
-        stats = {}
+def teacher_targets(args, source, device):
+    """Stage 1: the teacher's embeddings of every distinct sentence, computed offline once
+    (§3.2) and cached, and per side the teacher row of each data row (shuffle-safe)."""
+    keys = SIDES[1] + (("hard_neg",) if args.hard_negatives else ())
+    rows = source["rows"](range(source["n_rows"]))
+    texts, index = distill.unique_texts(rows + source["heldout"], keys)
+    cache = args.teacher_cache or os.path.join("runs", "cache", "teacher-" + "-".join(
+        [args.teacher.replace("/", "_"), args.teacher_pooling,
+         distill.texts_hash(texts)[:12]]) + ".pt")
+    t0 = time.time()
+    teacher = distill.teacher_embeddings(texts, args.teacher, cache, args.teacher_pooling,
+                                         device, args.trust_remote_code)
+    print(f"teacher embeddings: {len(texts)} texts, {teacher.shape[1]}-d, "
+          f"{time.time() - t0:.1f}s (cache {cache})", flush=True)
+    return teacher.to(device), index, {k: torch.tensor([index[r[k]] for r in rows])
+                                       for k in keys}
 
-        def loss_fn(qry, pos):  # back to row order: query i and candidate i are a pair
-            loss, st = hardneg.distributed_hardneg_loss(
-                qry[inverse["qry"]], pos[inverse["pos"]], k=args.k, beta=args.beta,
-                tau=args.tau, negatives=args.negatives, generator=generator, return_stats=True)
-            stats.update(st)
-            return loss
-        loss, _ = gradcache_step(embed_fn, groups, loss_fn, args.device)
-        if world > 1:  # what DDP would do: average the gradients over the ranks
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-        loss = loss / world
-        collapse_guard(args, history, loss.item(), stats)
-        return loss, {k: round(v, 4) for k, v in stats.items()}
 
-    toy = not args.data
-    before = toy_heldout(model, processor, family, args) if toy and args.is_main else {}
-    train_loop(args, model, step_fn, n_rows,
-               on_save=lambda: save_stage_output(args, model, processor, family, lora, 2))
-    after = toy_heldout(model, processor, family, args) if toy and args.is_main else {}
+def teacher_report(teacher, index, pairs, device, amp):
+    """Stage 1's held-out numbers: agreement with the teacher on pairs it never trained on."""
+    def report(model, processor, family):
+        def student(key):
+            return M.encode(model, processor, family, texts=[r[key] for r in pairs],
+                            device=device, amp=amp)
+        teacher_rows = lambda key: teacher[[index[r[key]] for r in pairs]].cpu()  # noqa: E731
+        return distill.teacher_agreement(student("sent0"), student("sent1"),
+                                         teacher_rows("sent0"), teacher_rows("sent1"))
+    return report
+
+
+def train(args, source):
+    """The UniME loop for either stage -> the held-out report before and after (or {})."""
+    rank, world, device = init_distributed(args.device)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over the "
+                         f"{world} processes")
+    main_rank = rank == 0
+    with checkpoint.claimed(args) if main_rank else contextlib.nullcontext():
+        weights, amp = M.precision(device, args.dtype)
+        model, processor, family = M.load_embedder(args.model, device, weights,
+                                                   args.trust_remote_code, args.family)
+        lora = add_trainable(model, args)
+        params = [p for p in model.parameters() if p.requires_grad]
+        print(f"trainable: {sum(p.numel() for p in params):,} of {M.count_parameters(model):,}")
+        report = source["report"]
+        if args.stage == 1:
+            teacher, index, teacher_rows = teacher_targets(args, source, device)
+            if source["heldout"]:
+                report = teacher_report(teacher, index, source["heldout"], device, amp)
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        generator = torch.Generator().manual_seed(args.seed)  # random negatives, on every rank
+        settings = checkpoint.run_config(args)
+        start = checkpoint.load(args.out, model, opt, generator, settings) if args.resume else 0
+        before = report(model.eval(), processor, family) if report and main_rank else {}
+        batches = iter(torch.utils.data.DataLoader(
+            StepBatches(args, source, processor, family, rank, world), batch_size=None,
+            sampler=range(start, args.max_steps), num_workers=args.workers,
+            pin_memory=torch.device(device).type == "cuda",
+            generator=torch.Generator()))  # its own: the global RNG (dropout) stays untouched
+        log = checkpoint.open_log(args.out, start) if main_rank else None
+        history, t0 = [], time.time()
+        for step in range(start, args.max_steps):
+            lr = lr_at(step, args.lr, args.warmup, args.max_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            batch = next(batches)  # this rank's rows of the global batch, processed per chunk
+            if args.stage == 1:  # the teacher's embeddings of the same sentences, by row id
+                targets = {k: teacher[ids[batch["ids"]].to(device)]
+                           for k, ids in teacher_rows.items()}
+            model.train()
+            loss, stats = gradcache_step(model, batch["sides"], lambda reps: stage_loss(
+                args, reps, targets if args.stage == 1 else None, generator, world), device, amp)
+            average_gradients(params, world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()  # pre-clip
+            loss = loss.item() / world
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise SystemExit(f"step {step + 1}: the loss ({loss}) or the gradient norm "
+                                 f"({grad_norm}) is not finite; this step was not applied, and "
+                                 f"{args.out}/checkpoint.pt (if any) is the last good state. "
+                                 f"Lower --lr, raise --tau, or check the data.")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            rate = (step + 1 - start) * args.batch_size / (time.time() - t0)
+            record = {"step": step + 1, "loss": round(loss, 5), "lr": lr,
+                      "grad_norm": round(grad_norm, 5), "samples_per_s": round(rate, 1),
+                      **{k: round(v, 4) for k, v in stats.items()}}
+            if args.stage == 2:
+                history.append(record)
+                collapse_guard(history, args.k)
+            if not main_rank:
+                continue  # other ranks neither log nor save
+            log.write(json.dumps(record) + "\n")
+            if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+                eta = (args.max_steps - step - 1) * args.batch_size / rate
+                print(f"step {step + 1}/{args.max_steps} loss {loss:.4f} lr {lr:.2e} grad "
+                      f"{grad_norm:.3f} {rate:.0f} samples/s ETA {eta:.0f}s", flush=True)
+            if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
+                log.flush()
+                checkpoint.save(args.out, model, opt, step + 1, generator, settings)
+        if not main_rank:
+            return {}
+        log.close()
+        M.save_stage_output(args.out, model, processor, args.model, args.stage, family, lora)
+        after = report(model.eval(), processor, family) if report else {}
     if before:
-        print_table("stage 2: held-out shapes world (200 scenes each)", before, after)
-        log = [json.loads(x) for x in open(os.path.join(args.out, "log.jsonl"))]
-        share = sum(r["false_negative_share"] for r in log) / len(log)
-        print(f"queries with >= 1 filtered false negative: {100 * share:.1f}% (mean over steps)")
-    return before, after
+        print(f"\nstage {args.stage}, held-out | before | after\n---|---|---")
+        for key in before:
+            print(f"{key} | {before[key]:.3f} | {after[key]:.3f}")
+    return {"before": before, "after": after}
 
 
-def collapse_guard(args, history, loss, stats, window=50):
-    """Stop a run whose embeddings have become one vector (SPEC §8); warn at the early sign.
-    Healthy toy runs pass briefly through a high cosine and recover, so the test is on the
-    mean over `window` steps (the toy's healthy runs stayed below 0.95 there)."""
-    history.append((loss, stats["random_pair_cos"]))
-    if len(history) == window and sum(h[0] for h in history) / window > math.log(args.k + 1):
-        print(f"warning: mean loss over the first {window} steps is above ln(k+1) = "
-              f"{math.log(args.k + 1):.2f}; every collapsed toy run showed this. If the loss "
-              f"stays flat, start from a checkpoint whose prompts already align the modalities.")
-    cos = sum(h[1] for h in history[-window:]) / window
-    if len(history) >= window and cos > args.collapse_cos:
-        raise SystemExit(
-            f"collapse: over the last {window} steps the mean cosine between unrelated "
-            f"query-candidate pairs is {cos:.3f} (> --collapse-cos {args.collapse_cos}): all "
-            f"embeddings are nearly the same vector and the loss sits near ln(k+1) = "
-            f"{math.log(args.k + 1):.2f}. The hard negatives of a model without zero-shot "
-            f"alignment outrank its positives, and making everything identical is the quickest "
-            f"way down. Start from a pretrained MLLM (for the toy: after stage 0), or lower --lr.")
-
-
-def toy_heldout(model, processor, family, args, n=200):
-    """Held-out shapes world with the paper's zero-shot prompts: text<->image Recall@1 among n
-    in-distribution scenes, the same among n scenes with unseen colour-shape combinations, and
-    compositional accuracy (image closer to its caption than to a hard negative, strict >)."""
-    splits, rng, out = data.split_scenes(args.seed), random.Random(args.seed + 1), {}
-    model.eval()
-    for split in ("test", "ood"):
-        scenes = splits[split][:n]
-        img = M.encode(model, processor, family, images=[data.draw(s, rng) for s in scenes],
-                       device=args.device)
-        txt = M.encode(model, processor, family, texts=[data.caption(s) for s in scenes],
-                       device=args.device)
-        recall = ev.recall_at_k(txt, img, list(range(len(scenes))), ks=(1,))
-        out[f"{split}_t2i_R@1"], out[f"{split}_i2t_R@1"] = recall["t2i_R@1"], recall["i2t_R@1"]
-        if split == "test":
-            neg = M.encode(model, processor, family, device=args.device,
-                           texts=[data.caption(data.negative(s, rng)[1]) for s in scenes])
-            out["compositional"] = ev.sugarcrepe_accuracy(img, txt, neg)
-    return out
-
-
-# ---------------------------------------------------------------- command line
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    a = p.add_argument
-    a("--stage", type=int, choices=[0, 1, 2], required=True)
-    a("--preset", choices=sorted(PRESETS), help="the paper's settings for this stage (SPEC §7)")
-    a("--model", help="HF id, model folder or stage output to start from (default: the toy)")
-    a("--family", help="prompt family when the model type is not enough (see model.FAMILIES)")
-    a("--trust-remote-code", action="store_true", default=None)
-    a("--teacher", help=f"stage 1 teacher, HF id or folder (default {distill.DEFAULT_TEACHER})")
-    a("--teacher-pooling", choices=["mean", "cls", "last", "nv-embed"])
-    a("--teacher-cache", help="file of cached teacher embeddings (default under runs/cache)")
-    a("--data", help="stage 1: NLI CSV/JSONL (sent0,sent1[,hard_neg]); default: toy pairs")
-    a("--eval-pairs", type=int, default=200, help="held-out pairs for teacher agreement")
-    a("--hard-negatives", action="store_true", help="stage 1: NLI hard_neg as extra columns")
-    a("--out", help="output folder")
-    a("--max-steps", type=int)
-    a("--epochs", type=float, help="train this many passes over the data instead of --max-steps")
-    a("--batch-size", type=int)
-    a("--chunk-size", type=int, help="GradCache chunk: memory follows it, not the batch")
-    a("--lr", type=float)
-    a("--warmup", type=int)
-    a("--weight-decay", type=float, default=0.0)
-    a("--grad-clip", type=float, default=1.0)
-    a("--lora-r", type=int)
-    a("--lora-alpha", type=float)
-    a("--lora-dropout", type=float)
-    a("--tau", type=float, help="temperature: stage 1 0.05 (paper: not given), stage 2 0.02")
-    a("--init", default="stage1", choices=["stage1", "base"],
-      help="stage 2 on the toy: start from stage 1's output, or from the base (ablation)")
-    a("--image-root", default="", help="stage 2: folder the MMEB image paths are relative to")
-    a("--skip-missing-images", action="store_true", help="drop (and count) rows, not fail")
-    a("--image-size", type=int, help="resize images to this square (paper stage 2: 336)")
-    a("--k", type=int, default=8, help="stage 2: hard negatives per query (Eq. 3)")
-    a("--beta", type=float, default=0.1, help="stage 2: false-negative margin (§3.3.1)")
-    a("--negatives", default="hard", choices=["hard", "random", "easy"],
-      help="stage 2: which k negatives (the paper's gradient analysis)")
-    a("--collapse-cos", type=float, default=0.97,
-      help="stage 2: stop when unrelated pairs are this close (mean over 50 steps)")
-    a("--kd-direction", default="teacher-student", choices=["teacher-student", "student-teacher"])
-    a("--save-every", type=int)
-    a("--log-every", type=int, default=25)
-    a("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-      help="auto: bf16 autocast and bf16 frozen weights on CUDA, fp32 on CPU")
-    a("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    preset = PRESETS[args.preset].get(args.stage, {}) if args.preset else {}
-    toy = TOY_STAGE_DEFAULTS.get(args.stage, {}) if args.model is None else {}
-    for key, value in {**STAGE_DEFAULTS.get(args.stage, {}), **toy, **preset}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.teacher = args.teacher or distill.DEFAULT_TEACHER
-    args.teacher_pooling = args.teacher_pooling or "mean"
-    args.trust_remote_code = bool(args.trust_remote_code)
-    args.save_every = args.save_every or args.max_steps
-    cuda = torch.device(args.device).type == "cuda"
-    args.bf16 = args.dtype == "bf16" or (args.dtype == "auto" and cuda)
-    args.weights_dtype = torch.bfloat16 if args.bf16 and cuda else torch.float32
-    return args
-
+# ---------------------------------------------------------------- the command line
 
 def main(argv=None):
-    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader's workers tokenize
+    args = config.parse_args(argv)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    if args.stage == 0:
-        return run_stage0(args)
-    toy = args.model is None
-    if toy:  # the embedded default starts from the pretrained toy
-        if not os.path.exists(os.path.join(TOY_STAGE0, "config.json")):
-            print("no pretrained toy yet: running stage 0 first")
-            run_stage0(parse_args(["--stage", "0", "--device", args.device, "--seed",
-                                   str(args.seed)]))
-        args.model = TOY_STAGE0
-    if toy and args.stage == 2 and args.init == "stage1":
-        if not os.path.exists(os.path.join("runs/stage1", "unime.json")):
-            print("no stage-1 output yet: running stage 1 first")
-            run_stage1(parse_args(["--stage", "1", "--device", args.device, "--model",
-                                   TOY_STAGE0, "--seed", str(args.seed)]))
-        args.model = "runs/stage1"
-    if args.stage == 2:
-        if args.init == "base" and args.out == STAGE_DEFAULTS[2]["out"]:
-            args.out = "runs/stage2-base"
-        return run_stage2(args)
-    if args.epochs:
-        n_rows = len(stage1_data(args)[0])
-        args.max_steps = int(args.epochs * (n_rows // args.batch_size))
-    return run_stage1(args)
+    if args.model is None:  # the embedded default: toy.py's pretrained tiny LLaVA and data
+        source = toy.setup(args, run_train=main)
+    else:
+        source = config.read_data(args)
+    return train(config.finish_args(args, source), source)
 
 
 if __name__ == "__main__":

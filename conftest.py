@@ -1,0 +1,39 @@
+"""Shared test fixtures: tiny MLLMs built offline, and small random unit vectors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import toy
+import toy_pretrain
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end training runs (minutes on 2 cores)")
+
+
+def unit(n, d, seed=0, dtype=torch.float64):
+    """(n, d) random L2-normalized rows, the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """The toy's LLaVA architecture with random weights, saved like a downloaded checkpoint."""
+    path = tmp_path_factory.mktemp("tiny") / "mllm"
+    return toy_pretrain.build_tiny_mllm(str(path), toy_pretrain.corpus(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path):
+    import model as M
+    model, processor, family = M.load_mllm(tiny_path)
+    return model.eval(), processor, family
+
+
+@pytest.fixture(scope="session")
+def pretrained_path():
+    """The shipped pretrained toy (assets/toy-mllm): zero-shot aligned, as a real MLLM is."""
+    return toy.PRETRAINED

@@ -1,0 +1,680 @@
+"""The path around the method, as tests: the data readers, the teacher and embedding caches,
+the command lines, the toy, the pictures, the run folder's safety, and end-to-end training runs
+(marked slow; the README's test command runs them too).
+
+    python -m pytest -q test_pipeline.py
+"""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import distill
+import eval as ev
+import figures
+import model as M
+import shapes
+import toy
+import toy_pretrain
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.write("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+
+
+def save_images(root, names, size=32):
+    for i, name in enumerate(names):
+        os.makedirs(os.path.dirname(os.path.join(root, name)) or root, exist_ok=True)
+        Image.new("RGB", (size, size), (40 * i % 256, 200, 90)).save(os.path.join(root, name))
+
+
+def nli_file(path, n, seed=0):
+    rows = toy.text_pairs(shapes.split_scenes(0)["train"], n, seed=seed)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["sent0", "sent1", "hard_neg"])
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+# ---------------------------------------------------------------- readers
+
+def test_malformed_nli_row_names_file_and_row(tmp_path):
+    bad = tmp_path / "nli.csv"
+    bad.write_text("sent0,sent1,hard_neg\na cat,a feline,a dog\nonly one,,\n")
+    with pytest.raises(ValueError, match=r"nli.csv, row 3"):
+        data.read_nli(str(bad))
+    bad_json = tmp_path / "nli.jsonl"
+    bad_json.write_text('{"sent0": "a", "sent1": "b"}\n{"sent0": "a"\n')
+    with pytest.raises(ValueError, match=r"nli.jsonl, row 2"):
+        data.read_nli(str(bad_json))
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"sent0": "a", "sent1": "b"}\n')
+    assert data.read_nli(str(good)) == [{"sent0": "a", "sent1": "b"}]
+
+
+def test_mmeb_train_reader_text_only_sides_and_missing_images(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    rows = [{"qry": "<|image_1|>\nRepresent the given image for classification.",
+             "qry_image_path": "a.jpg", "pos_text": "cat", "pos_image_path": ""},
+            {"qry": "Find a picture of a dog.", "qry_image_path": "",
+             "pos_text": "<|image_1|>\nRepresent the given image.", "pos_image_path": "b.jpg"}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"train.jsonl, row 2: image .*b.jpg"):
+        data.read_mmeb_train(str(path), str(tmp_path))
+    got, skipped = data.read_mmeb_train(str(path), str(tmp_path), skip_missing=True)
+    assert skipped == 1 and len(got) == 1
+    assert got[0]["qry_image"] == os.path.join(str(tmp_path), "a.jpg")
+    assert got[0]["pos_image"] is None  # empty path: a text-only side
+    # Phi-3's hard-coded token becomes the family's own
+    assert M.format_prompt("llava", image=True, instruction=got[0]["qry"]) == \
+        "USER: <image>\nRepresent the given image for classification. ASSISTANT:"
+    assert M.format_prompt("llava_next", instruction=rows[1]["qry"]) == \
+        "[INST] Find a picture of a dog. [/INST]"
+
+
+def mmeb_row(q="<|image_1|>\nRepresent the image", qi="a.png", tt=("cat", "dog"), ti=("", "")):
+    return {"qry_text": q, "qry_img_path": qi, "tgt_text": list(tt), "tgt_img_path": list(ti)}
+
+
+def test_read_mmeb_eval_rows(tmp_path):
+    save_images(tmp_path / "img", ["a.png", "sub/b.png"])
+    path = tmp_path / "VOC2007.jsonl"
+    write_jsonl(path, [mmeb_row(), mmeb_row(q="find the image", qi="", tt=("", "x"),
+                                            ti=("sub/b.png", "a.png"))])
+    rows = data.read_mmeb_eval(str(path), str(tmp_path / "img"))
+    a, b = str(tmp_path / "img" / "a.png"), str(tmp_path / "img" / "sub/b.png")
+    assert rows[0] == {"qry": (None, a, "<|image_1|>\nRepresent the image"),
+                       "tgt": [(None, None, "cat"), (None, None, "dog")]}
+    assert rows[1] == {"qry": (None, None, "find the image"),
+                       "tgt": [(None, b, ""), (None, a, "x")]}
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (mmeb_row(qi="missing.png"), FileNotFoundError, "missing.png"),
+    ({"qry_text": "q", "qry_img_path": ""}, ValueError, "tgt_text"),
+    (mmeb_row(tt=("a", "b"), ti=("",)), ValueError, "same length"),
+    (mmeb_row(tt=("", "b")), ValueError, "neither text nor image"),
+    ("{not json", ValueError, "not valid JSON"),
+    (mmeb_row(qi="../outside.png"), ValueError, "leaves the image root"),
+    (mmeb_row(qi="/etc/passwd"), ValueError, "is absolute"),
+])
+def test_read_mmeb_eval_errors_name_file_and_row(tmp_path, bad, error, words):
+    save_images(tmp_path, ["a.png"])
+    path = tmp_path / "CIRR.jsonl"
+    write_jsonl(path, [mmeb_row(), bad])
+    with pytest.raises(error, match=rf"CIRR.jsonl, row 2: .*{words}"):
+        data.read_mmeb_eval(str(path), str(tmp_path))
+
+
+def test_parquet_without_pyarrow_says_so(tmp_path):
+    try:
+        import pyarrow  # noqa: F401
+        pytest.skip("pyarrow installed")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="pyarrow"):
+        data.read_mmeb_eval(str(tmp_path / "x.parquet"))
+
+
+def test_read_caption_manifest_first_captions_and_limit(tmp_path):
+    save_images(tmp_path, ["0.jpg", "1.jpg", "2.jpg"])
+    path = tmp_path / "coco.jsonl"
+    write_jsonl(path, [{"image": "0.jpg", "caption": ["a", "b", "c"]},
+                       {"image": "1.jpg", "caption": "d"},
+                       {"image": "2.jpg", "caption": ["e", "f"]}])
+    images, captions, owner = data.read_caption_set(str(path), str(tmp_path), max_captions=2)
+    assert images == [str(tmp_path / f"{i}.jpg") for i in range(3)]
+    assert (captions, owner) == (["a", "b", "d", "e", "f"], [0, 0, 1, 2, 2])
+    images, captions, owner = data.read_caption_set(str(path), str(tmp_path), limit=2)
+    assert (len(images), captions, owner) == (2, ["a", "b", "c", "d"], [0, 0, 0, 1])
+
+
+def test_read_caption_manifest_errors(tmp_path):
+    save_images(tmp_path, ["0.jpg"])
+    path = tmp_path / "f30k.jsonl"
+    write_jsonl(path, [{"image": "0.jpg", "caption": "a"}, {"image": "gone.jpg", "caption": "b"}])
+    with pytest.raises(FileNotFoundError, match=r"f30k.jsonl, row 2: image .*gone.jpg"):
+        data.read_caption_set(str(path), str(tmp_path))
+    write_jsonl(path, [{"image": "0.jpg", "caption": []}])
+    with pytest.raises(ValueError, match=r"f30k.jsonl, row 1"):
+        data.read_caption_set(str(path), str(tmp_path))
+
+
+def test_read_sharegpt4v_json(tmp_path):
+    save_images(tmp_path, ["sam/1.jpg", "sam/2.jpg"])
+    entries = [{"id": i, "image": f"sam/{i}.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."},
+        {"from": "gpt", "value": f"Line one.\nLine {i}."}]} for i in (1, 2, 3)]
+    path = tmp_path / "share-captioner.json"
+    path.write_text(json.dumps(entries))
+    images, captions, owner = data.read_caption_set(str(path), str(tmp_path), limit=2)
+    assert captions == ["Line one. Line 1.", "Line one. Line 2."] and owner == [0, 1]
+    path.write_text(json.dumps([{"image": "sam/1.jpg", "conversations": []}]))
+    with pytest.raises(ValueError, match="row 1"):
+        data.read_caption_set(str(path), str(tmp_path))
+
+
+@pytest.mark.parametrize("layout", ["flat", "subfolders"])
+def test_read_urban1k_folder_first_line(tmp_path, layout):
+    img_dir, cap_dir = (tmp_path, tmp_path) if layout == "flat" else \
+        (tmp_path / "image", tmp_path / "caption")
+    save_images(str(img_dir), ["b.jpg", "a.jpg"])
+    cap_dir.mkdir(exist_ok=True)
+    (cap_dir / "a.txt").write_text("long caption of a\nsecond line\n")
+    (cap_dir / "b.txt").write_text("caption of b\n")
+    images, captions, owner = data.read_caption_set(str(tmp_path))
+    assert images == [str(img_dir / "a.jpg"), str(img_dir / "b.jpg")]
+    assert (captions, owner) == (["long caption of a", "caption of b"], [0, 1])
+    os.remove(cap_dir / "b.txt")
+    with pytest.raises(FileNotFoundError, match=r"row 2: caption file .*b.txt"):
+        data.read_caption_set(str(tmp_path))
+
+
+def test_read_sugarcrepe_split(tmp_path):
+    save_images(tmp_path, ["000000000139.jpg"])
+    split = {"0": {"filename": "000000000139.jpg", "caption": "a cat", "negative_caption": "a dog"},
+             "1": {"filename": "000000000285.jpg", "caption": "x", "negative_caption": "y"}}
+    path = tmp_path / "swap_att.json"
+    path.write_text(json.dumps(split))
+    with pytest.raises(FileNotFoundError, match=r"swap_att.json, row 2: .*000000000285.jpg"):
+        data.read_sugarcrepe(str(path), str(tmp_path))
+    del split["1"]["negative_caption"]
+    path.write_text(json.dumps(split))
+    with pytest.raises(ValueError, match=r"swap_att.json, row 2 \(id 1\)"):
+        data.read_sugarcrepe(str(path), str(tmp_path))
+    del split["1"]
+    path.write_text(json.dumps(split))
+    assert data.read_sugarcrepe(str(path), str(tmp_path)) == [
+        (str(tmp_path / "000000000139.jpg"), "a cat", "a dog")]
+
+
+def test_shipped_sugarcrepe_splits_are_the_seven_groups():
+    names = sorted(f[:-5] for f in os.listdir(ev.SUGARCREPE_DIR) if f.endswith(".json"))
+    assert names == sorted(sum(ev.SUGARCREPE_GROUPS.values(), ()))
+
+
+# ---------------------------------------------------------------- the teacher and its cache
+
+def test_teacher_cache_refuses_other_texts_teacher_or_pooling(tmp_path):
+    path = str(tmp_path / "cache.pt")
+    texts = ["a red circle", "a big blue square"]
+    emb = F.normalize(torch.randn(2, 4), dim=-1)
+    M.save_atomic(path, {"teacher": "T", "pooling": "mean", "texts_hash": distill.texts_hash(texts),
+                         "n": 2, "embeddings": emb})
+    assert torch.equal(distill.load_teacher_cache(path, texts, "T", "mean"), emb)
+    with pytest.raises(ValueError, match="other texts"):
+        distill.load_teacher_cache(path, ["a red circle", "a big blue cross"], "T", "mean")
+    with pytest.raises(ValueError, match="made by 'T'"):
+        distill.load_teacher_cache(path, texts, "U", "mean")
+    with pytest.raises(ValueError, match="'cls' pooling|with 'mean' pooling, not"):
+        distill.load_teacher_cache(path, texts, "T", "cls")
+    assert os.listdir(tmp_path) == ["cache.pt"]  # no temporary file left behind
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_umask())  # not 0600
+    (tmp_path / "cache.pt").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="not a teacher cache"):
+        distill.load_teacher_cache(path, texts, "T", "mean")
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_real_teacher_embeds_paraphrases_closer():
+    model, tok = distill.load_teacher()
+    e = distill.teacher_embed(model, tok, ["a small red circle", "a little red circle",
+                                           "a large blue square"])
+    assert e.shape == (3, 384) and torch.allclose(e.norm(dim=-1), torch.ones(3))
+    assert e[0] @ e[1] > e[0] @ e[2]
+
+
+# ---------------------------------------------------------------- eval.py's embedding cache
+
+class CountingEncoder:
+    """A fake model: a deterministic vector per input, counting the inputs it embeds."""
+
+    def __init__(self, offset=0.0):
+        self.calls, self.inputs, self.offset = 0, [], offset
+
+    def __call__(self, inputs):
+        self.calls += 1
+        self.inputs += inputs
+        seeds = [sum(map(ord, json.dumps([x[0], x[2]]))) for x in inputs]
+        return F.normalize(torch.tensor([[s % 7 + 1.0, s % 5 + self.offset, 1.0] for s in seeds]),
+                           dim=-1)
+
+
+def test_cache_embeds_each_input_once_and_warm_cache_makes_no_calls(tmp_path):
+    save_images(tmp_path, ["x.jpg"])
+    x = str(tmp_path / "x.jpg")
+    inputs = [("a", None, None), (None, x, "ins"), ("a", None, None), ("b", None, None)]
+    enc = CountingEncoder()
+    first = ev.EmbeddingCache("ckpt@1", str(tmp_path / "c")).embed(inputs, enc)
+    assert enc.calls == 1 and len(enc.inputs) == 3  # the repeated input embedded once
+    assert torch.equal(first[0], first[2])
+    warm = CountingEncoder()
+    again = ev.EmbeddingCache("ckpt@1", str(tmp_path / "c")).embed(inputs, warm)
+    assert warm.calls == 0 and torch.equal(first, again)
+    assert not [f for _, _, fs in os.walk(tmp_path) for f in fs if ".tmp" in f]
+
+
+def test_cache_is_invalidated_by_another_model_or_a_rewritten_image(tmp_path):
+    inputs = [("a", None, None), ("b", None, None)]
+    old = ev.EmbeddingCache("ckpt@1", str(tmp_path)).embed(inputs, CountingEncoder())
+    other = CountingEncoder(offset=10.0)
+    new = ev.EmbeddingCache("ckpt@2", str(tmp_path)).embed(inputs, other)
+    assert other.calls == 1 and not torch.allclose(old, new)
+    save_images(tmp_path, ["x.jpg"])
+    image = [(None, str(tmp_path / "x.jpg"), None)]
+    ev.EmbeddingCache("ckpt@1", str(tmp_path)).embed(image, CountingEncoder())
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "x.jpg")  # same path, new pixels
+    again = CountingEncoder()
+    ev.EmbeddingCache("ckpt@1", str(tmp_path)).embed(image, again)
+    assert again.calls == 1
+
+
+def test_cache_keeps_the_blocks_embedded_before_a_bad_input(tmp_path):
+    inputs = [(f"t{i}", None, None) for i in range(5)]
+
+    def fails_on_t3(xs):
+        if ("t3", None, None) in xs:
+            raise ValueError("cannot read image")
+        return CountingEncoder()(xs)
+    with pytest.raises(ValueError):
+        ev.EmbeddingCache("m", str(tmp_path), block=2).embed(inputs, fails_on_t3)
+    warm = CountingEncoder()
+    ev.EmbeddingCache("m", str(tmp_path), block=2).embed(inputs[:2], warm)
+    assert warm.calls == 0  # the first block survived the failure
+
+
+# ---------------------------------------------------------------- command lines of eval.py
+
+def test_cli_mmeb_scores_every_model_writes_json_and_reuses_the_cache(tmp_path, tiny_path,
+                                                                      pretrained_path,
+                                                                      monkeypatch):
+    save_images(tmp_path / "img", ["a.png", "b.png"])
+    write_jsonl(tmp_path / "VOC2007.jsonl", [mmeb_row(tt=("cat", "dog")),
+                                             mmeb_row(qi="b.png", tt=("dog", "cat"))])
+    write_jsonl(tmp_path / "Shapes.jsonl", [mmeb_row(q="a red square", qi="", tt=("", ""),
+                                                     ti=("a.png", "b.png"))])
+    argv = ["--task", "mmeb", "--data", str(tmp_path / "VOC2007.jsonl"),
+            str(tmp_path / "Shapes.jsonl"), "--image-root", str(tmp_path / "img"), "--model",
+            tiny_path, pretrained_path, "--out", str(tmp_path / "r.json"),
+            "--cache-dir", str(tmp_path / "c")]
+    first = ev.main(argv)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert list(saved["models"]) == [tiny_path, pretrained_path]  # both scored, in order
+    for result in saved["models"].values():
+        assert set(result["datasets"]) == {"VOC2007", "Shapes"}
+        assert result["groups"]["Classification"]["n"] == 1
+        assert "Shapes" in result["groups"]["other"]
+        assert all(v in (0.0, 50.0, 100.0) for v in result["datasets"].values())
+
+    def no_model(*args, **kwargs):
+        raise RuntimeError("the model was called")
+    monkeypatch.setattr(M, "encode", no_model)
+    assert ev.main(argv)["models"] == first["models"]  # warm cache: no model call
+    with pytest.raises(RuntimeError, match="model was called"):  # UniME† is another identity
+        ev.main(argv + ["--stage1-sum"])
+
+
+@pytest.mark.parametrize("task", ["retrieval", "sugarcrepe"])
+def test_cli_retrieval_and_sugarcrepe_run_end_to_end(tmp_path, tiny_path, task):
+    save_images(tmp_path, ["0.jpg", "1.jpg", "2.jpg"])
+    if task == "retrieval":
+        path = tmp_path / "f30k.jsonl"
+        write_jsonl(path, [{"image": f"{i}.jpg", "caption": [f"red {i}", f"blue {i}"]}
+                           for i in range(3)])
+    else:
+        path = tmp_path / "add_att.json"
+        path.write_text(json.dumps({str(i): {"filename": f"{i}.jpg", "caption": "a red circle",
+                                             "negative_caption": "a blue square"}
+                                    for i in range(3)}))
+    result = ev.main(["--task", task, "--data", str(path), "--image-root", str(tmp_path),
+                      "--model", tiny_path, "--out", str(tmp_path / "r.json"), "--cache-dir", ""])
+    scores = result["models"][tiny_path]["datasets"][path.stem]
+    if task == "retrieval":
+        assert set(scores) == {f"{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)}
+        assert scores["t2i_R@5"] == scores["i2t_R@5"] == 100.0  # only 3 images, 6 captions
+    else:
+        assert scores in (0.0, 100.0)  # three identical-looking rows: all right or all wrong
+        assert result["models"][tiny_path]["groups"]["Add"] == {"mean": scores, "n": 1, "of": 2}
+
+
+def test_hub_parquet_layout_keeps_subsets_apart():
+    assert ev.dataset_name("MMEB-eval/ImageNet-1K/test-00000-of-00001.parquet") == "ImageNet-1K"
+    assert ev.dataset_name("MMEB-eval/CIRR.jsonl") == "CIRR"
+
+
+# ---------------------------------------------------------------- figures.py
+
+def test_heatmap_size_and_bright_diagonal(tmp_path):
+    path = tmp_path / "fig4.png"
+    figures.heatmap_png({"before": np.full((5, 5), 0.5), "after": np.eye(5)}, str(path),
+                        panel=100, margin=10, title_h=20)
+    img = np.asarray(Image.open(path).convert("L"), dtype=float)
+    assert img.shape == (20 + 100 + 10, 2 * (100 + 10) + 10)  # (height, width)
+    x0, y0 = 10 + 110, 20  # top-left of the second panel; each cell is 20 px
+    diag = [img[y0 + 20 * i + 10, x0 + 20 * i + 10] for i in range(5)]
+    off = [img[y0 + 20 * i + 10, x0 + 20 * j + 10] for i in range(5) for j in range(5) if i != j]
+    assert min(diag) > max(off) + 50
+
+
+def test_line_chart_size_and_rising_curve(tmp_path):
+    path = tmp_path / "fig5.png"
+    figures.line_chart_png({"hard": [1, 2, 3, 4], "easy": [1e-3, 1e-4, 1e-5, 1e-6]}, str(path),
+                           "grad norm", log_y=True, size=(500, 300))
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape == (300, 500, 3)
+    for color in figures.PALETTE[:2]:
+        ys, xs = np.nonzero(np.all(img == color, axis=-1))
+        assert len(xs) > 20
+    ys, xs = np.nonzero(np.all(img[:, :360] == figures.PALETTE[0], axis=-1))  # no legend
+    assert ys[xs.argmin()] > ys[xs.argmax()]  # rising: the right end is higher up
+
+
+def test_top_next_tokens_is_the_lm_head_softmax_at_the_last_token(tiny):
+    model, processor, family = tiny
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    got = figures.top_next_tokens(model, processor, family, images, k=4)
+    for image, tokens in zip(images, got):
+        batch = M.process(processor, family, images=[image])
+        hidden = M.base_model(model)(**batch).last_hidden_state[:, -1]  # one row: no padding
+        probs = model.lm_head(hidden).softmax(-1)[0]
+        top = probs.topk(4)
+        assert [p for _, p in tokens] == pytest.approx(top.values.tolist(), abs=1e-5)
+        assert [t for t, _ in tokens] == [processor.tokenizer.decode([int(i)]) for i in top.indices]
+        greedy = model.generate(**batch, max_new_tokens=1, do_sample=False)[0, -1]
+        assert int(greedy) == int(top.indices[0])
+
+
+def test_figures_from_a_real_caption_set(tmp_path, tiny_path):
+    save_images(tmp_path, [f"{i}.jpg" for i in range(3)])
+    write_jsonl(tmp_path / "f30k.jsonl", [{"image": f"{i}.jpg", "caption": [f"c{i}", "x"]}
+                                          for i in range(3)])
+    matrices, tokens = figures.main(["--model", tiny_path, "--captions",
+                                     str(tmp_path / "f30k.jsonl"), "--image-root",
+                                     str(tmp_path), "--out", str(tmp_path / "fig")])
+    assert matrices[tiny_path].shape == (3, 3) and len(tokens[tiny_path]) == 3
+    assert os.path.isfile(tmp_path / "fig" / "heatmap.png")
+
+
+# ---------------------------------------------------------------- the toy
+
+def test_tiny_model_reloads_through_auto_classes_and_is_deterministic(tiny_path, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path)
+    processor = AutoProcessor.from_pretrained(tiny_path)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert 100_000 < M.count_parameters(model) < 500_000
+    scenes = shapes.split_scenes(0)["test"][:4]
+    rng = __import__("random").Random(0)
+    e_img = M.encode(model, processor, "llava", images=[shapes.draw(s, rng) for s in scenes])
+    e_txt = M.encode(model, processor, "llava", texts=[shapes.caption(s) for s in scenes])
+    assert e_img.shape == e_txt.shape == (4, 64)
+    again = toy_pretrain.build_tiny_mllm(str(tmp_path / "again"), toy_pretrain.corpus())
+    m2 = AutoModelForImageTextToText.from_pretrained(again)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  m2.state_dict().values()))
+
+
+def test_one_word_loss_is_cross_entropy_against_the_keyword_distribution(tiny):
+    model, processor, _ = tiny
+    texts, words = ["a red circle", "a big blue cross"], [["circle", "red"], ["blue", "cross"]]
+    with torch.no_grad():
+        got = toy_pretrain.one_word_loss(model, processor, words, texts=texts).item()
+        logits = model(**M.process(processor, "llava", texts=texts)).logits[:, -1]
+    # by hand: the mean of -log p(word) over each row's words, averaged over rows
+    expect = 0.0
+    for i, ws in enumerate(words):
+        logp = logits[i].log_softmax(-1)
+        expect += sum(-logp[processor.tokenizer.convert_tokens_to_ids("Ġ" + w)].item()
+                      for w in ws) / len(ws) / len(words)
+    assert got == pytest.approx(expect, rel=1e-5)
+
+
+def test_pretraining_lowers_the_heldout_answer_loss(tiny_path, tmp_path):
+    def heldout_loss(path):
+        model, processor, _ = M.load_mllm(path)
+        with torch.no_grad():
+            return toy_pretrain.pretraining_loss(model, processor,
+                                                 shapes.split_scenes(0)["test"][:30], 0).item()
+    before = heldout_loss(tiny_path)
+    toy_pretrain.pretrain(str(tmp_path / "p"), steps=60, base=tiny_path)
+    assert heldout_loss(str(tmp_path / "p")) < 0.5 * before
+
+
+def test_toy_benchmark_of_a_constant_embedder_is_the_hand_derived_chance_row():
+    """Every input the same vector: every score ties. MMEB's hit@1 counts a tie with the gold
+    (first) candidate as a hit; Recall@1 takes the first of the tied candidates, which is the
+    right one for the first query only (1 of 200); SugarCrepe's strict > is never true."""
+    got = toy.benchmark(lambda inputs: F.normalize(torch.ones(len(inputs), 3), dim=-1))
+    assert got["MMEB-style hit@1"] == 100.0 and got["compositional"] == 0.0
+    for key in ("t2i R@1", "i2t R@1", "unseen t2i R@1", "unseen i2t R@1", "t2t R@1"):
+        assert got[key] == pytest.approx(100 / 200)
+
+
+def test_shipped_pretrained_toy_is_zero_shot_aligned(pretrained_path):
+    """What stage 2 needs from its start (a real MLLM has it): on held-out scenes the
+    "in one word" prompts already retrieve across modalities far above chance (0.5%)."""
+    row = toy.main([pretrained_path])[pretrained_path]
+    assert row["t2i R@1"] > 30 and row["i2t R@1"] > 30 and row["compositional"] > 55
+
+
+@pytest.mark.slow
+def test_regenerated_pretrained_toy_reaches_the_shipped_ones_quality(tmp_path,
+                                                                      pretrained_path):
+    """`python toy_pretrain.py` from scratch gives a model as good as assets/toy-mllm (the
+    same seed; CPU float sums are not bit-identical across machines, so not the same bytes)."""
+    _, after = toy_pretrain.pretrain(str(tmp_path / "again"))
+    shipped = toy.main([pretrained_path])[pretrained_path]
+    for key in ("t2i R@1", "i2t R@1", "compositional"):
+        assert after[key] > shipped[key] - 10, key
+
+
+# ---------------------------------------------------------------- training runs, end to end
+
+def test_short_stage1_run_lowers_loss_and_raises_agreement(tiny_path, tmp_path):
+    out = str(tmp_path / "stage1")
+    result = train.main(["--stage", "1", "--model", tiny_path, "--data",
+                         nli_file(tmp_path / "nli.csv", 330), "--out", out, "--max-steps", "40",
+                         "--batch-size", "32", "--chunk-size", "16", "--lr", "3e-3",
+                         "--warmup", "5", "--teacher", "all-MiniLM-L6-v2",
+                         "--teacher-cache", str(tmp_path / "t.pt")])
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.7 * first
+    assert result["after"]["spearman"] > result["before"]["spearman"] + 0.1
+    # the output folder is a model: it reloads with the adapter merged
+    model, processor, family = M.load_embedder(out)
+    assert not any(isinstance(m, M.LoRALinear) for m in model.modules())
+
+
+@pytest.mark.slow
+def test_toy_stage2_from_the_pretrained_toy_raises_heldout_scores(tmp_path):
+    """The embedded default's stage 2 (--init base: from the shipped pretrained toy), shortened:
+    the held-out benchmark rises, and the log has the per-step statistics of Table 4."""
+    out = tmp_path / "stage2"
+    result = train.main(["--stage", "2", "--init", "base", "--out", str(out), "--max-steps",
+                         "150", "--lr", "2e-3"])
+    before, after = result["before"], result["after"]
+    assert after["MMEB-style hit@1"] > before["MMEB-style hit@1"] + 10  # its training tasks
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert sum(r["loss"] for r in log[-20:]) < sum(r["loss"] for r in log[:20])
+    assert {"false_negative_share", "valid_negatives", "pos_sim", "hardneg_sim"} <= set(log[0])
+
+
+def _toy_mmeb(folder, n=240):
+    """Toy pairs written as an MMEB-train file with PNG images: the real stage-2 reader path."""
+    scenes = shapes.split_scenes(0)["train"]
+    rows = toy.stage2_rows(scenes, range(n), seed=0, train_scenes=set(scenes))
+    out = []
+    for i, r in enumerate(rows):
+        for side in ("qry", "pos"):
+            if r[f"{side}_image"] is not None:
+                r[f"{side}_image"].save(os.path.join(folder, f"{side}{i}.png"))
+        out.append({"qry": r["qry"], "pos_text": r["pos"],
+                    "qry_image_path": f"qry{i}.png" if r["qry_image"] else "",
+                    "pos_image_path": f"pos{i}.png" if r["pos_image"] else ""})
+    write_jsonl(os.path.join(folder, "toy.jsonl"), out)
+    return os.path.join(folder, "toy.jsonl")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process_on_the_global_batch(pretrained_path,
+                                                                       tmp_path):
+    """train.py under torchrun (2 CPU processes, gloo), both stages: the same loss and
+    gradient norm per step as one process on the same global batch."""
+    nli = nli_file(tmp_path / "nli.csv", 200)
+    mmeb = _toy_mmeb(tmp_path, 64)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for stage, extra in ((1, ["--data", nli, "--teacher", "all-MiniLM-L6-v2",
+                              "--teacher-cache", str(tmp_path / "t.pt"), "--eval-pairs", "0"]),
+                         (2, ["--data", mmeb, "--image-root", str(tmp_path)])):
+        args = ["train.py", "--stage", str(stage), "--model", pretrained_path, "--max-steps",
+                "2", "--batch-size", "32", "--chunk-size", "8", "--lora-r", "4",
+                "--lora-dropout", "0.0", "--workers", "0", *extra]
+        for name, launch in (("one", []), ("two", ["-m", "torch.distributed.run",
+                                                   "--nproc_per_node", "2",
+                                                   "--master_port", "29533"])):
+            subprocess.run([sys.executable, *launch, *args, "--out",
+                            str(tmp_path / f"{name}{stage}")], cwd=HERE, env=env, check=True,
+                           capture_output=True, timeout=300)
+        one, two = ([json.loads(x) for x in open(tmp_path / f"{name}{stage}" / "log.jsonl")]
+                    for name in ("one", "two"))
+        assert len(one) == len(two) == 2
+        for a, b in zip(one, two):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_stage2_from_an_unaligned_model_collapses_and_is_stopped(tiny_path, tmp_path):
+    """From random weights the paper's loss makes every embedding the same vector."""
+    with pytest.raises(SystemExit, match="collapse"):
+        train.main(["--stage", "2", "--model", tiny_path, "--data", _toy_mmeb(tmp_path),
+                    "--image-root", str(tmp_path), "--out", str(tmp_path / "s2"),
+                    "--max-steps", "200", "--batch-size", "64", "--lora-r", "0",
+                    "--lr", "2e-3"])
+
+
+def test_collapse_guard_tells_collapse_from_anisotropy():
+    k = 8
+    healthy = [{"loss": 1.0, "pos_sim": 0.95, "random_pair_cos": 0.9}] * 60  # anisotropic
+    train.collapse_guard(healthy, k)
+    early = [{"loss": math.log(9), "pos_sim": 0.99, "random_pair_cos": 0.99}] * 49
+    train.collapse_guard(early, k)  # not enough steps to judge
+    collapsed = [{"loss": math.log(9) + 0.01, "pos_sim": 0.999, "random_pair_cos": 0.998}] * 50
+    with pytest.raises(SystemExit, match="collapse"):
+        train.collapse_guard(collapsed, k)
+    plateau = [{"loss": math.log(9), "pos_sim": 0.6, "random_pair_cos": 0.3}] * 50
+    train.collapse_guard(plateau, k)  # a high loss alone is not collapse
+
+
+# ---------------------------------------------------------------- the run folder
+
+def stage1(model, tmp_path, out, *extra):
+    """A two-step stage-1 run on the tiny model (seconds)."""
+    nli = tmp_path / "nli.csv"
+    if not nli.exists():
+        nli_file(nli, 120)
+    return train.main(["--stage", "1", "--model", str(model), "--data", str(nli), "--out",
+                       str(out), "--max-steps", "2", "--batch-size", "16", "--chunk-size", "8",
+                       "--teacher", "all-MiniLM-L6-v2", "--teacher-cache",
+                       str(tmp_path / "t.pt"), "--workers", "0", *extra])
+
+
+def test_out_is_never_deleted_and_another_runs_output_is_refused(tiny_path, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="not empty and holds no run"):
+        stage1(tiny_path, tmp_path, mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    with pytest.raises(SystemExit, match="is the model this run starts from"):
+        stage1(tiny_path, tmp_path, tiny_path)
+    stage1(tiny_path, tmp_path, tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"holds another run's output \(finished\)"):
+        stage1(tiny_path, tmp_path, tmp_path / "run")
+    with pytest.raises(SystemExit, match="is the model this run starts from"):
+        stage1(tmp_path / "run", tmp_path, tmp_path / "run", "--overwrite")
+    first = M.read_stage_meta(tmp_path / "run")["id"]
+    stage1(tiny_path, tmp_path, tmp_path / "run", "--overwrite")
+    assert M.read_stage_meta(tmp_path / "run")["id"] != first
+    assert not (tmp_path / "run" / ".lock").exists()
+    mode = os.stat(tmp_path / "run" / "adapter.pt").st_mode & 0o777
+    assert mode & 0o044  # readable by others, as files normally are (mkstemp gives 0600)
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(tiny_path, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text("")
+    (out / ".lock").write_text("12345")
+    with pytest.raises(SystemExit, match=r"locked by another run \(pid 12345\)"):
+        stage1(tiny_path, tmp_path, out, "--resume")
+
+
+def test_nonfinite_loss_stops_and_the_last_checkpoint_stays_good(tiny_path, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="not finite"):
+        stage1(tiny_path, tmp_path, out, "--lr", "1e6", "--max-steps", "4", "--save-every",
+               "1", "--warmup", "1")
+    assert M.read_stage_meta(out) is None  # not marked finished
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 1 <= ckpt["step"] < 4
+    assert all(torch.isfinite(v).all() for v in ckpt["trainable"].values())
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_settings(tiny_path, tmp_path):
+    stage1(tiny_path, tmp_path, tmp_path / "run", "--save-every", "1", "--max-steps", "1")
+    with pytest.raises(SystemExit, match=r"lr=0\.0005, this run has lr=0\.001"):
+        stage1(tiny_path, tmp_path, tmp_path / "run", "--resume", "--lr", "1e-3")
+
+
+def test_a_stage_output_refuses_a_base_that_changed_and_an_unfinished_run(tiny_path,
+                                                                          tmp_path):
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(tiny_path, base)
+    stage1(base, tmp_path, tmp_path / "s1")
+    M.load_embedder(str(tmp_path / "s1"))  # fine while the base is what it trained on
+    config = json.loads((base / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = 1e-5  # "retrained": another model now
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="has changed since"):
+        M.load_embedder(str(tmp_path / "s1"))
+    os.remove(tmp_path / "s1" / "unime.json")  # as if killed before the end
+    with pytest.raises(SystemExit, match="unfinished training run"):
+        M.load_embedder(str(tmp_path / "s1"))
+
+
+def test_bad_arguments_fail_fast_naming_the_flag(tiny_path, tmp_path):
+    for extra, words in ((["--chunk-size", "0"], "--chunk-size must be at least 1"),
+                         (["--lr", "-1"], "--lr must be positive"),
+                         (["--batch-size", "1"], "at least 2"),
+                         (["--batch-size", "5000"], "larger than the data"),
+                         (["--epochs", "0.001"], "--max-steps must be at least 1")):
+        with pytest.raises(SystemExit, match=words):
+            stage1(tiny_path, tmp_path, tmp_path / "x", *extra)
+    with pytest.raises(SystemExit, match="needs --data"):
+        train.main(["--stage", "1", "--model", tiny_path, "--out", str(tmp_path / "y")])
+    with pytest.raises(SystemExit):  # argparse's error: --init is the toy's
+        train.main(["--stage", "2", "--model", tiny_path, "--init", "base"])
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")

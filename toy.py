@@ -1,0 +1,221 @@
+"""The embedded default: UniME on a tiny pretrained LLaVA and the shapes world, offline on a CPU.
+
+Real MLLMs cannot be downloaded here, so `python train.py --stage 1` (no --model) trains
+`assets/toy-mllm`: a 0.22M-parameter LLaVA (CLIP tower, projector, Llama decoder) whose
+next-token pretraining stands in for a real checkpoint's (toy_pretrain.py makes it), on the
+shapes world (shapes.py), with the real all-MiniLM-L6-v2 as the stage-1 teacher.
+
+This file gives train.py the toy's training rows and settings (`setup`), and scores models on a
+held-out benchmark shaped like the paper's (`benchmark`) with eval.py's own metric functions:
+
+    python toy.py runs/stage0 runs/stage1 runs/stage2-base runs/stage2    # one row each
+"""
+import argparse
+import functools
+import json
+import os
+import random
+
+import torch
+
+import eval as ev
+import model as M
+import shapes
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PRETRAINED = os.path.join(HERE, "assets", "toy-mllm")
+SPLIT_SEED = 0  # the held-out scenes never change with --seed: the pretrained toy never saw them
+TRAIN_ARGS = {  # minutes on 2 CPU cores; flags given on the command line win
+    1: dict(out="runs/stage1", max_steps=300, batch_size=64, chunk_size=32, lr=1e-3, warmup=20,
+            lora_r=16, lora_alpha=32, lora_dropout=0.05, tau=0.05,
+            teacher="all-MiniLM-L6-v2", teacher_pooling="mean"),
+    # stage 2 fine-tunes all 0.2M weights: a rank-16 adapter on 64-wide layers learned too
+    # slowly for a few minutes on a CPU
+    2: dict(out="runs/stage2", max_steps=1600, batch_size=64, chunk_size=64, lr=1e-3, warmup=20,
+            lora_r=0, tau=0.02),
+}
+STAGE2_INSTRUCTIONS = {  # MMEB-style task instructions (VLM2Vec's wording)
+    "cls": "<|image_1|> Represent the given image for classification.",
+    "vqa": "<|image_1|> Represent the given image with the following question:",
+    "t2i": "Find me an everyday image that matches the given caption:",
+    "i2t": "<|image_1|> Find an image caption describing the given everyday image.",
+}
+TASKS = ("cls", "vqa", "t2i", "i2t", "t2i", "i2t")  # retrieval twice as often
+
+
+# ---------------------------------------------------------------- training rows
+
+def text_pairs(scenes, n, seed):
+    """NLI-shaped pairs: {'sent0': caption, 'sent1': paraphrase, 'hard_neg': negative}."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        scene = scenes[i % len(scenes)] if n <= len(scenes) else rng.choice(scenes)
+        rows.append({"sent0": shapes.caption(scene, flip=rng.random() < 0.5),
+                     "sent1": shapes.paraphrase(scene, rng),
+                     "hard_neg": shapes.caption(shapes.negative(scene, rng)[1])})
+    return rows
+
+
+def stage2_row(scene, task, rng, image=None):
+    """One MMEB-style pair {qry, qry_image, pos, pos_image}: classification (image -> class
+    name), VQA (image + question -> answer), text->image and image->text retrieval."""
+    ins, image = STAGE2_INSTRUCTIONS, image or shapes.draw(scene, rng)
+    first = scene[0]
+    if task == "cls":  # the class is the first object's colour and shape
+        return {"qry": ins["cls"], "qry_image": image, "pos": f"{first[0]} {first[1]}",
+                "pos_image": None}
+    if task == "vqa":
+        obj = rng.choice(shapes.scene_objects(scene))
+        question, answer = rng.choice([(f"What colour is the {obj[1]}?", obj[0]),
+                                       (f"What shape is the {obj[0]} one?", obj[1])])
+        return {"qry": f"{ins['vqa']} {question}", "qry_image": image, "pos": answer,
+                "pos_image": None}
+    # retrieval pairs use the paper's zero-shot "in one word" prompts, so the held-out numbers
+    # measure the protocol of its retrieval benchmarks (Table 2)
+    text = f"{shapes.caption(scene, flip=rng.random() < 0.5)}\n{M.TEXT_INSTRUCTION}"
+    if task == "t2i":
+        return {"qry": text, "qry_image": None, "pos": M.IMAGE_INSTRUCTION, "pos_image": image}
+    return {"qry": M.IMAGE_INSTRUCTION, "qry_image": image, "pos": text, "pos_image": None}
+
+
+def stage2_rows(scenes, ids, seed, train_scenes):
+    """Rows for row ids (id -> scene id // 6, task id % 6): the tasks mix within every batch,
+    as MMEB's do; images are drawn on the fly from a per-row seed. Every second row of a batch
+    is a compositional variant of the row before (when that variant is itself a training scene),
+    so the batch holds the near-duplicates that hard-negative mining is for: a random batch of
+    64 scenes among 3,000 almost never does, while real MMEB batches (one dataset each) do."""
+    rows, previous = [], None
+    for j, i in enumerate(ids):
+        rng = random.Random(seed * 1_000_003 + i)
+        scene, task = scenes[(i // len(TASKS)) % len(scenes)], TASKS[i % len(TASKS)]
+        if j % 2 == 1:
+            variant = shapes.negative(previous, rng)[1]
+            scene = variant if variant in train_scenes else scene
+        rows.append(stage2_row(scene, task, rng))
+        previous = scene
+    return rows
+
+
+def take(rows, ids):
+    return [rows[i] for i in ids]
+
+
+def setup(args, run_train):
+    """train.py's one toy branch: fill what the command line left unset with the toy's
+    settings and return the toy's training data. Stage 2 starts from the toy's stage-1 output
+    (`--init stage1`, run first when missing) or from the pretrained toy (`--init base`)."""
+    settings = dict(TRAIN_ARGS[args.stage], model=PRETRAINED)
+    if args.stage == 2 and args.init != "base":
+        settings["model"] = TRAIN_ARGS[1]["out"]
+        if M.read_stage_meta(settings["model"]) is None:
+            print("no stage-1 output yet: running stage 1 first", flush=True)
+            run_train(["--stage", "1", "--seed", str(args.seed), "--device", args.device])
+    elif args.stage == 2:
+        settings["out"] = "runs/stage2-base"
+    for key, value in settings.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    splits = shapes.split_scenes(SPLIT_SEED)
+    if args.stage == 1:
+        rows = text_pairs(splits["train"], 2000, args.seed)
+        return {"n_rows": len(rows), "rows": functools.partial(take, rows),
+                "heldout": text_pairs(splits["test"], 200, SPLIT_SEED + 1), "report": None}
+    scenes = splits["train"]
+    return {"n_rows": len(TASKS) * len(scenes), "heldout": [],
+            "rows": functools.partial(stage2_rows, scenes, seed=args.seed + 7,
+                                      train_scenes=set(scenes)),
+            "report": lambda m, p, f: benchmark(ev.make_encoder(m, p, f, device=args.device))}
+
+
+# ---------------------------------------------------------------- the held-out benchmark
+
+def benchmark(embed, n=200, n_candidates=50):
+    """The toy's held-out scenes (never trained on), scored like the paper's benchmarks with
+    eval.py's metrics, in percent: MMEB-style hit@1 (mean of four sets: classification, VQA,
+    text->image and image->text retrieval, `n_candidates` candidates each, gold first),
+    Recall@1 both ways among n scenes (and among n scenes with unseen colour-shape
+    combinations), compositional accuracy (mean of five SugarCrepe-style splits) and
+    text->text Recall@1 (a caption finds its paraphrase). embed: [(text, image, instruction)]
+    -> (m, d) L2-normalized."""
+    embed = _dedup(embed)
+    splits, rng = shapes.split_scenes(SPLIT_SEED), random.Random(SPLIT_SEED + 1)
+    scenes = {s: splits[s][:n] for s in ("test", "ood")}
+    images = {s: [shapes.draw(scene, rng) for scene in scenes[s]] for s in scenes}
+    out, ids = {}, list(range(n))
+    for split, prefix in (("test", ""), ("ood", "unseen ")):
+        recall = ev.recall_at_k(embed([(shapes.caption(s), None, None) for s in scenes[split]]),
+                                embed([(None, im, None) for im in images[split]]), ids, (1,))
+        out[f"{prefix}t2i R@1"] = 100 * recall["t2i_R@1"]
+        out[f"{prefix}i2t R@1"] = 100 * recall["i2t_R@1"]
+    hits = []
+    for task in TASKS[:4]:
+        pairs = [stage2_row(s, task, random.Random(SPLIT_SEED * 7 + i), images["test"][i])
+                 for i, s in enumerate(scenes["test"])]
+        side = lambda p, k: (None, p[f"{k}_image"], p[k])  # noqa: E731
+        cands = []
+        for i, pair in enumerate(pairs):  # gold first, then distractors with other answers
+            picked, seen = [i], {pair["pos"]}
+            for j in sorted(ids, key=lambda j: rng.random()):
+                if len(picked) < n_candidates and j != i and (pairs[j]["pos_image"] or
+                                                              pairs[j]["pos"] not in seen):
+                    picked.append(j)
+                    seen.add(pairs[j]["pos"])
+            cands.append(picked)
+        hits.append(ev.hit_at_1(embed([side(p, "qry") for p in pairs]),
+                                embed([side(p, "pos") for p in pairs]), cands))
+    out["MMEB-style hit@1"] = 100 * sum(hits) / len(hits)
+    accuracy = []
+    for kind in ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj"):
+        rows = []
+        for scene, image in zip(scenes["test"], images["test"]):
+            try:
+                rows.append((image, shapes.caption(scene),
+                             shapes.caption(shapes.negative(scene, rng, kind)[1])))
+            except ValueError:  # e.g. no relation to replace in a one-object scene
+                continue
+        accuracy.append(ev.sugarcrepe_accuracy(embed([(None, r[0], None) for r in rows]),
+                                               embed([(r[1], None, None) for r in rows]),
+                                               embed([(r[2], None, None) for r in rows])))
+    out["compositional"] = 100 * sum(accuracy) / len(accuracy)
+    pairs = text_pairs(scenes["test"], n, SPLIT_SEED + 1)
+    out["t2t R@1"] = 100 * ev.recall_at_k(embed([(r["sent0"], None, None) for r in pairs]),
+                                          embed([(r["sent1"], None, None) for r in pairs]),
+                                          ids, (1,))["t2i_R@1"]
+    return out
+
+
+def _dedup(embed):
+    """Embed each distinct input once (images are compared by identity): candidates repeat."""
+    def embed_unique(inputs):
+        keys = [(t, id(im), ins) for t, im, ins in inputs]
+        order = {k: x for k, x in zip(keys, inputs)}
+        index = {k: i for i, k in enumerate(order)}
+        vectors = embed(list(order.values()))
+        return vectors[torch.tensor([index[k] for k in keys])]
+    return embed_unique
+
+
+# ---------------------------------------------------------------- scoring models
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Score models on the toy's held-out benchmark.")
+    p.add_argument("models", nargs="+", help="stage outputs or model folders")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="write the scores as JSON here")
+    args = p.parse_args(argv)
+    results = {}
+    for path in args.models:
+        model, processor, family = M.load_embedder(path, args.device)
+        results[path] = benchmark(ev.make_encoder(model.eval(), processor, family,
+                                                  device=args.device))
+    columns = list(next(iter(results.values())))
+    print(ev.markdown_table(["model"] + columns,
+                            [(path, *r.values()) for path, r in results.items()]))
+    if args.out:
+        M.save_atomic(args.out, json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
