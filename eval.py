@@ -48,7 +48,7 @@ OOD = {_norm(n[1:]) for s in MMEB_TASKS.values() for n in s.split() if n.startsw
 # ---------------------------------------------------------------- metrics (fractions in [0, 1])
 
 def hit_at_1(queries, candidates, cand_index):
-    """MMEB Precision@1 (§7): share of rows whose best candidate is their first. queries (n, d),
+    """MMEB Precision@1 (Table 1): share of rows whose best candidate is their first. queries (n, d),
     candidates (m, d), cand_index[i] = rows of query i's candidates, gold first. One row at a
     time, so memory follows one candidate list. Ties: argmax returns the first maximum, so a
     candidate scoring exactly like the gold does not beat it (as VLM2Vec's np.argmax)."""
@@ -57,7 +57,8 @@ def hit_at_1(queries, candidates, cand_index):
 
 
 def recall_at_k(text, image, caption_image, ks=(1, 5, 10), chunk=1024):
-    """Table 2 Recall@K as R1's retrieval_self.py computes it from scores = text @ image.T:
+    """Table 2 Recall@K as the official evaluation (deepglint/UniME, retrieval_self.py) computes
+    it from scores = text @ image.T:
     text->image, the caption's own image is in its top k; image->text, ANY of the image's
     captions is in its top k. text (T, d), image (I, d), caption_image (T,) image of each
     caption. `chunk` queries at a time; ties inside the top k follow torch.topk."""
@@ -74,8 +75,8 @@ def recall_at_k(text, image, caption_image, ks=(1, 5, 10), chunk=1024):
 
 
 def sugarcrepe_accuracy(image, pos, neg):
-    """Correct iff cos(image, caption) > cos(image, negative) (R1 sugar_crepe_self.py); strict,
-    so a tie counts as wrong. All (n, d) normalized, compared row by row."""
+    """Correct iff cos(image, caption) > cos(image, negative), strict as in the official
+    evaluation (sugar_crepe_self.py): a tie counts as wrong. All (n, d) normalized, row by row."""
     return ((image * pos).sum(1) > (image * neg).sum(1)).float().mean().item()
 
 
