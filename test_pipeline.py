@@ -305,12 +305,25 @@ def test_cache_keeps_the_blocks_embedded_before_a_bad_input(tmp_path):
 
 # ---------------------------------------------------------------- command lines of eval.py
 
+def direct(model_path):
+    """The model's own embeddings of inputs [(text, image path, instruction)], one at a time:
+    the reference the command lines' scores are computed against by hand."""
+    model, processor, family = M.load_embedder(model_path)
+
+    def embed(inputs):
+        return torch.cat([M.encode(model.eval(), processor, family, [t],
+                                   [Image.open(i).convert("RGB") if i else None], [ins])
+                          for t, i, ins in inputs])
+    return embed
+
+
 def test_cli_mmeb_scores_every_model_writes_json_and_reuses_the_cache(tmp_path, tiny_path,
                                                                       pretrained_path,
                                                                       monkeypatch):
     save_images(tmp_path / "img", ["a.png", "b.png"])
-    write_jsonl(tmp_path / "VOC2007.jsonl", [mmeb_row(tt=("cat", "dog")),
-                                             mmeb_row(qi="b.png", tt=("dog", "cat"))])
+    voc = [mmeb_row(tt=("cat", "dog")), mmeb_row(qi="b.png", tt=("dog", "cat", "bird"),
+                                                 ti=("", "", ""))]
+    write_jsonl(tmp_path / "VOC2007.jsonl", voc)
     write_jsonl(tmp_path / "Shapes.jsonl", [mmeb_row(q="a red square", qi="", tt=("", ""),
                                                      ti=("a.png", "b.png"))])
     argv = ["--task", "mmeb", "--data", str(tmp_path / "VOC2007.jsonl"),
@@ -320,11 +333,17 @@ def test_cli_mmeb_scores_every_model_writes_json_and_reuses_the_cache(tmp_path, 
     first = ev.main(argv)
     saved = json.loads((tmp_path / "r.json").read_text())
     assert list(saved["models"]) == [tiny_path, pretrained_path]  # both scored, in order
-    for result in saved["models"].values():
-        assert set(result["datasets"]) == {"VOC2007", "Shapes"}
+    for path, result in saved["models"].items():
         assert result["groups"]["Classification"]["n"] == 1
         assert "Shapes" in result["groups"]["other"]
-        assert all(v in (0.0, 50.0, 100.0) for v in result["datasets"].values())
+        # by hand: each row's query against its own candidates, one input at a time
+        embed, hits = direct(path), []
+        for r in voc:
+            img = str(tmp_path / "img" / r["qry_img_path"]) if r["qry_img_path"] else None
+            q = embed([(None, img, r["qry_text"])])[0]
+            c = embed([(None, None, t) for t in r["tgt_text"]])
+            hits.append(int((c @ q).argmax()) == 0)
+        assert result["datasets"]["VOC2007"] == pytest.approx(100 * sum(hits) / len(hits))
 
     def no_model(*args, **kwargs):
         raise RuntimeError("the model was called")
@@ -335,26 +354,47 @@ def test_cli_mmeb_scores_every_model_writes_json_and_reuses_the_cache(tmp_path, 
 
 
 @pytest.mark.parametrize("task", ["retrieval", "sugarcrepe"])
-def test_cli_retrieval_and_sugarcrepe_run_end_to_end(tmp_path, tiny_path, task):
-    save_images(tmp_path, ["0.jpg", "1.jpg", "2.jpg"])
+def test_cli_retrieval_and_sugarcrepe_scores_equal_the_hand_computed_ones(tmp_path,
+                                                                          pretrained_path,
+                                                                          task):
+    import random
+    rng = random.Random(0)
+    scenes = shapes.split_scenes(0)["test"][:8]
+    for i, s in enumerate(scenes):
+        shapes.draw(s, rng).save(tmp_path / f"{i}.png")
+    images = [str(tmp_path / f"{i}.png") for i in range(8)]
+    embed = direct(pretrained_path)
+    img = embed([(None, p, None) for p in images])
     if task == "retrieval":
         path = tmp_path / "f30k.jsonl"
-        write_jsonl(path, [{"image": f"{i}.jpg", "caption": [f"red {i}", f"blue {i}"]}
-                           for i in range(3)])
+        caps = [[shapes.caption(s), shapes.caption(s, flip=True, synonyms=True)] for s in scenes]
+        write_jsonl(path, [{"image": f"{i}.png", "caption": c} for i, c in enumerate(caps)])
+        txt = embed([(c, None, None) for cs in caps for c in cs])
+        owner = [i for i in range(8) for _ in range(2)]
+        sim = (txt @ img.T).tolist()  # by hand: is the best image the caption's own?
+        t2i = sum(max(range(8), key=lambda j: sim[t][j]) == owner[t] for t in range(16)) / 16
+        i2t = sum(owner[max(range(16), key=lambda t: sim[t][i])] == i for i in range(8)) / 8
     else:
-        path = tmp_path / "add_att.json"
-        path.write_text(json.dumps({str(i): {"filename": f"{i}.jpg", "caption": "a red circle",
-                                             "negative_caption": "a blue square"}
-                                    for i in range(3)}))
+        path = tmp_path / "swap_att.json"
+        negs = [shapes.caption(shapes.negative(s, rng)[1]) for s in scenes]
+        path.write_text(json.dumps({str(i): {"filename": f"{i}.png", "caption":
+                                             shapes.caption(s), "negative_caption": negs[i]}
+                                    for i, s in enumerate(scenes)}))
+        pos = embed([(shapes.caption(s), None, None) for s in scenes])
+        neg = embed([(n, None, None) for n in negs])
+        right = sum(float(img[i] @ pos[i]) > float(img[i] @ neg[i]) for i in range(8)) / 8
     result = ev.main(["--task", task, "--data", str(path), "--image-root", str(tmp_path),
-                      "--model", tiny_path, "--out", str(tmp_path / "r.json"), "--cache-dir", ""])
-    scores = result["models"][tiny_path]["datasets"][path.stem]
+                      "--model", pretrained_path, "--out", str(tmp_path / "r.json"),
+                      "--cache-dir", ""])
+    scores = result["models"][pretrained_path]["datasets"][path.stem]
     if task == "retrieval":
-        assert set(scores) == {f"{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)}
-        assert scores["t2i_R@5"] == scores["i2t_R@5"] == 100.0  # only 3 images, 6 captions
+        assert scores["t2i_R@1"] == pytest.approx(100 * t2i)
+        assert scores["i2t_R@1"] == pytest.approx(100 * i2t)
+        assert 0 < t2i < 1 or 0 < i2t < 1 or t2i == i2t == 1  # a non-degenerate example
     else:
-        assert scores in (0.0, 100.0)  # three identical-looking rows: all right or all wrong
-        assert result["models"][tiny_path]["groups"]["Add"] == {"mean": scores, "n": 1, "of": 2}
+        assert scores == pytest.approx(100 * right)
+        groups = result["models"][pretrained_path]["groups"]
+        assert groups["Swap"] == {"mean": scores, "n": 1, "of": 2}
 
 
 def test_hub_parquet_layout_keeps_subsets_apart():

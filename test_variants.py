@@ -12,14 +12,10 @@ import torch.nn.functional as F
 
 import distill
 import hardneg
+from conftest import unit
 
 STATS_KEYS = {"false_negative_share", "valid_negatives", "pos_sim", "hardneg_sim",
               "random_pair_cos"}
-
-
-def unit(n, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
 
 
 def batch(n_q, n_c, d=4, seed=0, tie=0.3):
