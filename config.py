@@ -6,6 +6,7 @@ any model loads, so a bad one fails in a second with the flag's name.
 """
 import argparse
 import functools
+import math
 
 import torch
 
@@ -20,10 +21,27 @@ PRESETS = {"paper": {  # §4.1 and Table 6; stage 1 counts 2 epochs of the NLI p
 }}
 DEFAULTS = {  # what neither the command line, a preset nor the toy set
     1: dict(max_steps=1000, batch_size=64, chunk_size=32, lr=5e-4, warmup=20, lora_r=32,
-            lora_alpha=64, lora_dropout=0.05, tau=0.05, teacher="nvidia/NV-Embed-v2"),
+            lora_alpha=64, lora_dropout=0.05, tau=0.05, teacher="nvidia/NV-Embed-v2",
+            kd_direction="teacher-student"),
     2: dict(max_steps=1000, batch_size=256, chunk_size=32, lr=1e-4, warmup=50, lora_r=16,
-            lora_alpha=64, lora_dropout=0.1, tau=0.02),
+            lora_alpha=64, lora_dropout=0.1, tau=0.02, loss="unime", beta=0.1),
 }
+LOSSES = {  # stage 2's loss -> the flags only it takes, with their defaults
+    "unime": dict(k=8, negatives="hard"),  # Eq. 4
+    "masked-infonce": {},  # not UniME: the whole batch minus the β mask
+    "hardness-weighted": dict(alpha=9.0),  # not UniME: LLaVE, α = 9 as in its training script
+}
+STAGE_FLAGS = {1: ("kd_direction", "hard_negatives"),  # refused in the other stage
+               2: ("loss", "k", "beta", "negatives", "alpha", "init", "toy_duplicates")}
+
+
+def margin(text):
+    """--beta: a number, or inf / none for no false-negative filter (Table 4's ∞ column)."""
+    value = float("inf") if text.lower() in ("inf", "none") else float(text)
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError("β must be a number, inf or none")
+    return value
+
 
 def parse_args(argv=None):
     """The command line, then --preset; what neither sets stays None for the toy or DEFAULTS."""
@@ -44,14 +62,23 @@ def parse_args(argv=None):
     a("--teacher-cache", help="file of cached teacher embeddings (default under runs/cache)")
     a("--eval-pairs", type=int, default=200, help="stage 1: held-out pairs for agreement")
     a("--hard-negatives", action="store_true", help="stage 1: NLI hard_neg as extra columns")
-    a("--kd-direction", default="teacher-student",
-      choices=["teacher-student", "student-teacher"], help="stage 1: the KL of Eq. 2")
-    a("--k", type=int, default=8, help="stage 2: hard negatives per query (Eq. 3)")
-    a("--beta", type=float, default=0.1, help="stage 2: false-negative margin (§3.3.1)")
-    a("--negatives", default="hard", choices=["hard", "random", "easy"],
-      help="stage 2: which k negatives (the paper's Fig. 5 analysis)")
-    a("--init", choices=["stage1", "base"],
-      help="the toy's stage 2: start from its stage-1 output (default) or its base (ablation)")
+    a("--kd-direction", choices=["teacher-student", "student-teacher", "symmetric"],
+      help="stage 1: the KL of Eq. 2 (default teacher-student; symmetric = the mean of both, "
+           "UniME-V2's)")
+    a("--loss", choices=list(LOSSES), help="stage 2: unime = Eq. 4, top-k hard negatives (the "
+      "default); NOT UniME, for comparison: masked-infonce = every in-batch negative minus the "
+      "β mask (Qwen3-Embedding), hardness-weighted = every negative weighted by e^(α·sim) "
+      "(LLaVE; with --beta inf as published)")
+    a("--k", type=int, help="stage 2, unime: hard negatives per query (Eq. 3; default 8)")
+    a("--beta", type=margin, help="stage 2: false-negative margin (§3.3.1; default 0.1); inf "
+                                  "or none: no filter")
+    a("--negatives", choices=["hard", "random", "easy"],
+      help="stage 2, unime: which k negatives (default hard; the paper's Fig. 5 analysis)")
+    a("--alpha", type=float, help="stage 2, hardness-weighted: the hardness weight α (default 9)")
+    a("--init", help="the toy's stage 2: stage1 = start from its stage-1 output (default), "
+                     "base = from its base (ablation), or a folder holding a toy stage-1 output")
+    a("--toy-duplicates", type=float, help="the toy's stage 2: this share of a batch's rows "
+      "repeat the row before with new wording and drawing, i.e. false negatives (default 0)")
     a("--out", help="output folder (default for the toy: runs/stage1, runs/stage2)")
     a("--overwrite", action="store_true", help="replace an earlier run's output in --out")
     a("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -80,6 +107,20 @@ def parse_args(argv=None):
     if args.init and args.model is not None:
         p.error("--init chooses where the toy's stage 2 starts; with --model, the model is the "
                 "start")
+    if args.toy_duplicates is not None and args.model is not None:
+        p.error("--toy-duplicates changes the toy's stage-2 batches; with --model the data is "
+                "--data")
+    if args.toy_duplicates is not None and not 0 <= args.toy_duplicates < 1:
+        p.error(f"--toy-duplicates is a share of a batch, in [0, 1), got {args.toy_duplicates}")
+    for name in STAGE_FLAGS[3 - args.stage]:
+        if getattr(args, name) not in (None, False):
+            p.error(f"--{name.replace('_', '-')} is a stage-{3 - args.stage} flag, this is "
+                    f"stage {args.stage}")
+    loss = args.loss or "unime"
+    for name in ("k", "negatives", "alpha"):
+        if getattr(args, name) is not None and name not in LOSSES[loss]:
+            p.error(f"--{name} does not apply to --loss {loss}; it is for --loss " +
+                    " / ".join(n for n, flags in LOSSES.items() if name in flags))
     preset = PRESETS[args.preset][args.stage] if args.preset else {}
     for key, value in preset.items():  # a length given on the command line beats the preset's
         given = {"epochs": args.max_steps, "max_steps": args.epochs}.get(key)
@@ -93,6 +134,9 @@ def finish_args(args, source):
     for key, value in DEFAULTS[args.stage].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for key, value in LOSSES.get(args.loss, {}).items():  # stage 2: its loss's own flags
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.stage == 1:
         args.teacher_pooling = args.teacher_pooling or (
             "nv-embed" if "nv-embed" in args.teacher.lower() else "mean")
@@ -102,13 +146,15 @@ def finish_args(args, source):
     if args.eval_pairs < 0:
         raise SystemExit(f"--eval-pairs must be 0 or more, got {args.eval_pairs}")
     for name in ("max_steps", "batch_size", "chunk_size", "save_every", "log_every", "k"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got "
                              f"{getattr(args, name)}" + (" (from --epochs)" if name ==
                                                           "max_steps" and args.epochs else ""))
     for name in ("lr", "tau"):
         if not getattr(args, name) > 0:
             raise SystemExit(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.alpha is not None and not 0 <= args.alpha < float("inf"):
+        raise SystemExit(f"--alpha must be 0 or more (0: plain InfoNCE), got {args.alpha}")
     if args.batch_size > source["n_rows"]:
         raise SystemExit(f"--batch-size {args.batch_size} is larger than the data "
                          f"({source['n_rows']} rows)")

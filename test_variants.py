@@ -300,3 +300,63 @@ def test_kd_unknown_direction_is_a_clear_error():
     x = unit(3, 4, 40)
     with pytest.raises(ValueError, match="symmetric"):
         distill.kd_loss(x, x, x, x, direction="both")
+
+
+# ---------------------------------------------------------------- selected from the command line
+
+@pytest.mark.parametrize("loss, extra", [("unime", ["--k", "4"]), ("masked-infonce", []),
+                                         ("hardness-weighted", ["--alpha", "2"])])
+def test_stage_loss_dispatches_on_the_loss_flag_to_the_per_query_loop_value(loss, extra):
+    import config
+    import train
+    args = config.parse_args(["--stage", "2", "--loss", loss, "--beta", "0.2", "--tau", "0.1"]
+                             + extra)
+    args = config.finish_args(args, {"n_rows": 1000})
+    q, c = batch(5, 5, seed=4)
+    value, stats = train.stage_loss(args, {"qry": q, "pos": c}, None, None, 1)
+    # Eq. 4 with k = 4 of 4 others keeps every valid negative: the full-batch loop
+    expected = full_batch_by_hand(q, c, 0.2, 0.1, alpha=2.0 if loss == "hardness-weighted" else 0)
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+    assert set(stats) == STATS_KEYS
+
+
+def test_beta_inf_and_none_on_the_command_line_mean_no_filter():
+    import config
+    for text in ("inf", "none", "None", "Infinity"):
+        args = config.parse_args(["--stage", "2", "--beta", text])
+        assert args.beta == float("inf")
+        assert not hardneg.false_negative_mask(torch.ones(3, 3), args.beta).any()
+    assert config.parse_args(["--stage", "2", "--beta", "-0.1"]).beta == -0.1
+    with pytest.raises(SystemExit):
+        config.parse_args(["--stage", "2", "--beta", "nan"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["--stage", "2", "--alpha", "3"],  # α belongs to the hardness-weighted loss
+    ["--stage", "2", "--loss", "masked-infonce", "--k", "8"],  # no top-k there
+    ["--stage", "2", "--loss", "hardness-weighted", "--negatives", "random"],
+    ["--stage", "1", "--loss", "masked-infonce"],  # stage-2 flags in stage 1
+    ["--stage", "1", "--beta", "0.2"],
+    ["--stage", "2", "--kd-direction", "symmetric"],  # and the other way round
+    ["--stage", "2", "--model", "some/model", "--toy-duplicates", "0.2"],  # the toy's only
+    ["--stage", "2", "--toy-duplicates", "1.5"],
+])
+def test_flags_that_do_not_apply_are_refused_before_anything_loads(argv, capsys):
+    import config
+    with pytest.raises(SystemExit):
+        config.parse_args(argv)
+    flag = next(a for a in argv[2:] if a.startswith("--") and a != "--model")
+    assert flag in capsys.readouterr().err  # the message names the flag
+
+
+def test_defaults_fill_only_the_flags_of_the_chosen_loss_and_stage():
+    import config
+    finish = lambda argv: config.finish_args(config.parse_args(argv), {"n_rows": 1000})  # noqa
+    unime = finish(["--stage", "2"])
+    assert (unime.loss, unime.k, unime.negatives, unime.beta, unime.alpha) == \
+        ("unime", 8, "hard", 0.1, None)
+    llave = finish(["--stage", "2", "--loss", "hardness-weighted", "--beta", "inf"])
+    assert (llave.alpha, llave.k, llave.beta) == (9.0, None, float("inf"))
+    stage1 = finish(["--stage", "1", "--kd-direction", "symmetric"])
+    assert (stage1.kd_direction, stage1.loss, stage1.k) == ("symmetric", None, None)
+    assert finish(["--stage", "1"]).kd_direction == "teacher-student"

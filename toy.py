@@ -79,21 +79,25 @@ def stage2_row(scene, task, rng, image=None):
     return {"qry": M.IMAGE_INSTRUCTION, "qry_image": image, "pos": text, "pos_image": None}
 
 
-def stage2_rows(scenes, ids, seed, train_scenes):
+def stage2_rows(scenes, ids, seed, train_scenes, duplicates=0.0):
     """Rows for row ids (id -> scene id // 6, task id % 6): the tasks mix within every batch,
     as MMEB's do; images are drawn on the fly from a per-row seed. Every second row of a batch
     is a compositional variant of the row before (when that variant is itself a training scene),
     so the batch holds the near-duplicates that hard-negative mining is for: a random batch of
-    64 scenes among 3,000 almost never does, while real MMEB batches (one dataset each) do."""
+    64 scenes among 3,000 almost never does, while real MMEB batches (one dataset each) do.
+    duplicates: the share of rows (drawn per row id) that repeat the row before's scene and
+    task with their own drawing and wording, false negatives for the β filter to find."""
     rows, previous = [], None
     for j, i in enumerate(ids):
         rng = random.Random(seed * 1_000_003 + i)
         scene, task = scenes[(i // len(TASKS)) % len(scenes)], TASKS[i % len(TASKS)]
-        if j % 2 == 1:
-            variant = shapes.negative(previous, rng)[1]
+        if j > 0 and duplicates and random.Random(f"duplicate {seed} {i}").random() < duplicates:
+            scene, task = previous
+        elif j % 2 == 1:
+            variant = shapes.negative(previous[0], rng)[1]
             scene = variant if variant in train_scenes else scene
         rows.append(stage2_row(scene, task, rng))
-        previous = scene
+        previous = scene, task
     return rows
 
 
@@ -104,9 +108,16 @@ def take(rows, ids):
 def setup(args, run_train):
     """train.py's one toy branch: fill what the command line left unset with the toy's
     settings and return the toy's training data. Stage 2 starts from the toy's stage-1 output
-    (`--init stage1`, run first when missing) or from the pretrained toy (`--init base`)."""
+    (`--init stage1`, run first when missing), from a given stage-1 output (`--init FOLDER`,
+    as ablate.py does per seed) or from the pretrained toy (`--init base`)."""
     settings = dict(TRAIN_ARGS[args.stage], model=PRETRAINED)
-    if args.stage == 2 and args.init != "base":
+    if args.stage == 2 and args.init not in (None, "stage1", "base"):
+        meta = M.read_stage_meta(args.init)
+        if meta is None or meta["stage"] != 1:
+            raise SystemExit(f"--init {args.init}: not a finished stage-1 output (its unime.json "
+                             f"is missing or says another stage)")
+        settings["model"] = args.init
+    elif args.stage == 2 and args.init != "base":
         settings["model"] = TRAIN_ARGS[1]["out"]
         if M.read_stage_meta(settings["model"]) is None:
             print("no stage-1 output yet: running stage 1 first", flush=True)
@@ -124,7 +135,8 @@ def setup(args, run_train):
     scenes = splits["train"]
     return {"n_rows": len(TASKS) * len(scenes), "heldout": [],
             "rows": functools.partial(stage2_rows, scenes, seed=args.seed + 7,
-                                      train_scenes=set(scenes)),
+                                      train_scenes=set(scenes),
+                                      duplicates=args.toy_duplicates or 0.0),
             "report": lambda m, p, f: benchmark(ev.make_encoder(m, p, f, device=args.device))}
 
 

@@ -185,9 +185,15 @@ def stage_loss(args, reps, teacher, generator, world):
         loss = distill.kd_loss(g["sent0"], g["sent1"], t["sent0"], t["sent1"], args.tau,
                                args.kd_direction, g.get("hard_neg"), t.get("hard_neg"))
         stats = {}
-    else:
+    elif args.loss == "unime":
         loss, stats = hardneg.hardneg_loss(g["qry"], g["pos"], args.k, args.beta, args.tau,
                                            args.negatives, generator, return_stats=True)
+    elif args.loss == "masked-infonce":  # not UniME: a baseline to compare Eq. 4 with
+        loss, stats = hardneg.masked_infonce_loss(g["qry"], g["pos"], args.beta, args.tau,
+                                                  return_stats=True)
+    else:  # "hardness-weighted", not UniME: LLaVE's loss, a baseline
+        loss, stats = hardneg.hardness_weighted_loss(g["qry"], g["pos"], args.alpha, args.beta,
+                                                     args.tau, return_stats=True)
     return loss * world, stats
 
 
@@ -314,7 +320,10 @@ def train(args, source):
                       **{k: round(v, 4) for k, v in stats.items()}}
             if args.stage == 2:
                 history.append(record)
-                collapse_guard(history, args.k)
+                # collapsed, all similarities are equal and the loss is ln(1 + k): the full-
+                # batch losses have batch - 1 negatives, each weighing e^α when hardness-weighted
+                collapse_guard(history, args.k if args.loss == "unime" else
+                               (args.batch_size - 1) * math.exp(args.alpha or 0.0))
             if not main_rank:
                 continue  # other ranks neither log nor save
             log.write(json.dumps(record) + "\n")
