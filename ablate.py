@@ -75,6 +75,7 @@ def comparisons(table, names):
     if table == "stages":
         return [("stage1", "none"), ("stage2", "none"), ("both", "stage2"), ("both", "stage1")]
     reference = {"beta": "beta0.1", "k": "k8", "losses": "unime"}[table]
+    reference = reference if reference in names else names[0]  # k = 8 needs a batch of 10
     return [(name, reference) for name in names if name != reference]
 
 

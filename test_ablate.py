@@ -63,6 +63,31 @@ def test_every_table_compares_rows_that_exist_and_k_all_is_batch_minus_1():
     assert all("--toy-duplicates" in r[3] for r in beta)  # the filter needs something to do
 
 
+@pytest.mark.parametrize("left, passed", [([], []), (["log.jsonl"], ["--overwrite"]),
+                                          (["log.jsonl", "checkpoint.pt"], ["--resume"])])
+def test_an_interrupted_run_is_continued_not_deleted(tmp_path, monkeypatch, left, passed):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in left:  # what a run killed before (or after) its first checkpoint leaves
+        (out / name).write_text("")
+    calls = []
+    monkeypatch.setattr(ablate.train, "main",
+                        lambda argv: calls.append(argv) or {"after": {"x": 1.0}})
+    record = ablate.train_once(str(out), ["--stage", "2"])
+    assert calls == [["--stage", "2", "--out", str(out)] + passed]
+    assert record["after"] == {"x": 1.0} and sorted(os.listdir(out)) == sorted(left)
+    assert ablate.train_once(str(out), ["--stage", "2"]) == record  # from <out>.json now
+    assert len(calls) == 1
+
+
+def test_a_finished_run_without_its_record_is_not_trained_again(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "unime.json").write_text("{}")
+    monkeypatch.setattr(ablate.train, "main", lambda argv: pytest.fail("trained again"))
+    assert ablate.train_once(str(out), ["--stage", "2"])["after"] == {}  # scored from disk
+
+
 # ---------------------------------------------------------------- the toy's duplicates
 
 def shuffled_ids(n, seed=0):
@@ -105,20 +130,19 @@ def test_duplicated_rows_are_drawn_anew_from_their_own_seed(monkeypatch):
 
 @pytest.mark.slow
 def test_k_grid_runs_scores_reuses_its_runs_and_refuses_another_budget(tmp_path, capsys):
-    argv = ["k", "--seeds", "0", "--steps", "2", "--stage1-steps", "2", "--batch-size", "10",
+    argv = ["k", "--seeds", "0", "--steps", "2", "--stage1-steps", "2", "--batch-size", "4",
             "--root", str(tmp_path)]
-    results = ablate.main(argv)
-    assert list(results) == ["k = 1", "k = 4", "k = 8", "k = 9 (all)"]
+    results = ablate.main(argv)  # k = 1 and k = 3 = batch - 1
+    assert list(results) == ["k = 1", "k = 3 (all)"]
     for row in results.values():
         assert len(row["MMEB-style hit@1"]) == 1 and 0 <= row["compositional"][0] <= 100
     printed = capsys.readouterr().out
-    assert "| k = 1 |" in printed and "k = 1 − k = 8" in printed
+    assert "| k = 1 |" in printed and "| k = 3 (all) − k = 1 |" in printed
     saved = json.load(open(tmp_path / "k.json"))
     assert saved["results"] == results and saved["budget"]["steps"] == 2
-    assert sorted(os.listdir(tmp_path / "k")) == sorted(
-        [f"k{k}-s0" for k in (1, 4, 8, 9)] + [f"k{k}-s0.json" for k in (1, 4, 8, 9)])
+    assert sorted(os.listdir(tmp_path / "k")) == ["k1-s0", "k1-s0.json", "k3-s0", "k3-s0.json"]
     # a second call trains nothing and prints the same table
-    stamp = {f: os.path.getmtime(tmp_path / "k" / f / "unime.json") for f in ("k1-s0", "k9-s0")}
+    stamp = {f: os.path.getmtime(tmp_path / "k" / f / "unime.json") for f in ("k1-s0", "k3-s0")}
     assert ablate.main(argv) == results
     assert stamp == {f: os.path.getmtime(tmp_path / "k" / f / "unime.json") for f in stamp}
     with pytest.raises(SystemExit, match="choose another --root"):
