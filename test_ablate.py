@@ -2,6 +2,7 @@
 
     pytest -q test_ablate.py       # the helpers in a second; the end-to-end grid is `slow`
 """
+import functools
 import json
 import math
 import os
@@ -129,7 +130,11 @@ def test_duplicated_rows_are_drawn_anew_from_their_own_seed(monkeypatch):
 # ---------------------------------------------------------------- one command, end to end
 
 @pytest.mark.slow
-def test_k_grid_runs_scores_reuses_its_runs_and_refuses_another_budget(tmp_path, capsys):
+def test_k_grid_runs_scores_reuses_its_runs_and_refuses_another_budget(tmp_path, capsys,
+                                                                      monkeypatch):
+    # a smaller held-out benchmark: this is the grid's plumbing, toy.benchmark is tested apart
+    monkeypatch.setattr(toy, "benchmark", functools.partial(toy.benchmark, n=20,
+                                                            n_candidates=5))
     argv = ["k", "--seeds", "0", "--steps", "2", "--stage1-steps", "2", "--batch-size", "4",
             "--root", str(tmp_path)]
     results = ablate.main(argv)  # k = 1 and k = 3 = batch - 1
