@@ -7,11 +7,14 @@
 
 Each run is train.py's toy (train.main) with its own --out, runs/ablate/<table>/<row>-s<seed>,
 scored on the toy's held-out benchmark (toy.benchmark). Stage 2 starts from one stage-1 output
-per seed, runs/ablate/stage1-s<seed>, shared by every table. A finished run is reused and an
-interrupted one resumed (nothing is deleted), so a killed grid continues where it stopped.
-Prints a markdown table of mean ± standard deviation over the seeds, then each row's difference
-from the table's reference row, marked * where it is larger than the spread (the two rows'
-standard deviations added); writes runs/ablate/<table>.json.
+per seed, runs/ablate/stage1-s<seed>, shared by every table, and the paper's own setting is one
+run per seed for all tables (runs/ablate/stages/both-s<seed>). A finished run is reused and an
+interrupted one resumed (nothing is deleted), so a killed grid continues where it stopped; run
+the tables one after another (a run's folder is locked while it trains).
+Prints a markdown table of mean ± standard deviation over the seeds, then the differences the
+table is about (Table 3: the paper's claims; the others: each row minus the paper's setting),
+marked * where larger than the spread (the two rows' standard deviations added); writes
+runs/ablate/<table>.json.
 
 Shorter runs than `python train.py --stage 2` (1,600 steps) keep a grid of 5 rows x 3 seeds
 near half an hour on 2 CPU cores: --steps sets the stage-2 budget, --stage1-steps stage 1's.
@@ -31,31 +34,34 @@ import train
 
 METRICS = ("MMEB-style hit@1", "t2i R@1", "i2t R@1", "unseen t2i R@1", "unseen i2t R@1",
            "compositional", "t2t R@1")
-BUDGET = dict(steps=500, stage1_steps=300, batch_size=64)  # see the module docstring
+BUDGET = dict(steps=600, stage1_steps=300, batch_size=64)  # see the module docstring
 DUPLICATES = 0.25  # the β table's share of duplicated rows (toy.stage2_rows)
+PAPER = "stages/both"  # the paper's setting (k = 8, β = 0.1, Eq. 4): one run per seed, shared
 
 
 # ---------------------------------------------------------------- the tables
 
 def rows_of(table, batch_size):
-    """A table's rows: (label, name, stage 1, stage-2 flags). Stage 1 None: stage 2 starts from
-    the pretrained toy (--init base); "": from the shared stage-1 output; else its extra
-    --kd-direction. Stage-2 flags None: no stage 2, the row scores its starting model."""
+    """A table's rows: (label, name, stage 1, stage-2 flags). The run's folder is
+    <table>/<name>-s<seed>, or <name>-s<seed> when the name holds a folder (PAPER, another
+    table's run). Stage 1 None: stage 2 starts from the pretrained toy (--init base); "": from
+    the shared stage-1 output; else its --kd-direction. Stage-2 flags None: no stage 2, the row
+    scores its starting model."""
     if table == "stages":  # Table 3
         return [("none (the pretrained toy)", "none", None, None),
                 ("stage 1 only", "stage1", "", None),
                 ("stage 2 only", "stage2", None, []),
-                ("stage 1 + stage 2", "both", "", [])]
+                ("stage 1 + stage 2", PAPER, "", [])]
     if table == "beta":  # Table 4, on batches that hold duplicates (see DUPLICATES)
         dup = ["--toy-duplicates", str(DUPLICATES)]
         return [(f"β = {b}".replace("inf", "∞ (no filter)"), f"beta{b}", "",
                  ["--beta", b] + dup) for b in ("-0.1", "0", "0.1", "0.3", "inf")]
     if table == "k":  # Table 5; k = batch - 1 takes every negative the β mask leaves
         ks = [str(k) for k in (1, 4, 8, 16) if k < batch_size - 1] + [str(batch_size - 1)]
-        return [(f"k = {k}" + (" (all)" if k == str(batch_size - 1) else ""), f"k{k}", "",
-                 ["--k", k]) for k in ks]
+        return [(f"k = {k}" + (" (all)" if k == str(batch_size - 1) else ""),
+                 PAPER if k == "8" else f"k{k}", "", [] if k == "8" else ["--k", k]) for k in ks]
     if table == "losses":  # Eq. 4 and the losses the field uses instead (hardneg.py)
-        return [("UniME Eq. 4: top-8 hard negatives, β = 0.1", "unime", "", []),
+        return [("UniME Eq. 4: top-8 hard negatives, β = 0.1", PAPER, "", []),
                 ("NOT UniME: whole batch, β = 0.1 mask (Qwen3-Embedding)", "masked-infonce",
                  "", ["--loss", "masked-infonce"]),
                 ("NOT UniME: whole batch, no mask (VLM2Vec)", "infonce", "",
@@ -73,8 +79,8 @@ def comparisons(table, names):
     """(row, row it is compared with) by name: the paper's claims for Table 3, else every row
     against the paper's setting (β = 0.1, k = 8, Eq. 4)."""
     if table == "stages":
-        return [("stage1", "none"), ("stage2", "none"), ("both", "stage2"), ("both", "stage1")]
-    reference = {"beta": "beta0.1", "k": "k8", "losses": "unime"}[table]
+        return [("stage1", "none"), ("stage2", "none"), (PAPER, "stage2"), (PAPER, "stage1")]
+    reference = "beta0.1" if table == "beta" else PAPER
     reference = reference if reference in names else names[0]  # k = 8 needs a batch of 10
     return [(name, reference) for name in names if name != reference]
 
@@ -138,7 +144,7 @@ def run_row(root, table, row, seed, budget, device):
         model = toy.PRETRAINED if stage1 is None else init
         name = "pretrained" if stage1 is None else os.path.basename(init)
         return score_model(model, os.path.join(root, f"{name}.scores.json"), device)["scores"]
-    out = os.path.join(root, table, f"{name}-s{seed}")
+    out = os.path.join(root, name if "/" in name else os.path.join(table, name)) + f"-s{seed}"
     record = train_once(out, ["--stage", "2", "--init", init,
                               "--max-steps", str(budget["steps"]),
                               "--batch-size", str(budget["batch_size"]),

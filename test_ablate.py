@@ -58,7 +58,11 @@ def test_every_table_compares_rows_that_exist_and_k_all_is_batch_minus_1():
         assert len(names) == len(set(names))
         for a, b in ablate.comparisons(table, names):
             assert a in names and b in names
-    assert [r[1] for r in ablate.rows_of("k", 64)] == ["k1", "k4", "k8", "k16", "k63"]
+    assert [r[1] for r in ablate.rows_of("k", 64)] == ["k1", "k4", ablate.PAPER, "k16", "k63"]
+    # the paper's setting is one run, whichever table asks for it
+    paper = [r[1:] for table in ("stages", "k", "losses") for r in ablate.rows_of(table, 64)
+             if r[1] == ablate.PAPER]
+    assert paper == [(ablate.PAPER, "", [])] * 3
     beta = ablate.rows_of("beta", 64)
     assert [r[3][1] for r in beta] == ["-0.1", "0", "0.1", "0.3", "inf"]
     assert all("--toy-duplicates" in r[3] for r in beta)  # the filter needs something to do
