@@ -1,0 +1,330 @@
+"""Backbone families: what differs between MLLMs when they embed. Prompts, batching, truncation,
+image size and LoRA targets, as one table and plain functions.
+
+Two prompt formats:
+- zero-shot "in one word" prompts (stage 1, retrieval, SugarCrepe) are wrapped in the family's
+  chat template. deepglint/UniME's evaluation (`self_evaluate/retrieval_self.py`,
+  `sugar_crepe_self.py`) fixes the strings for Phi-3.5-V and LLaVA-1.6 (Mistral); other
+  families use their processor's own chat template, system turn included.
+- MMEB rows (stage 2, MMEB eval) follow VLM2Vec v1, which UniME's MMEB numbers come from, and
+  UniME-V2: the text is used as the data gives it, no chat template, its `<|image_1|>` replaced
+  by `<image>` (LLaVA-NeXT) or `<|image_pad|>` (Qwen2-VL, Qwen2.5-VL) (VLM2Vec
+  `src/model_utils.py::vlm_image_tokens`, `src/dataset.py`). LLaVA-OneVision is the exception:
+  UniME-V2's `Llava_OV_process` strips `<image>` from the text and sends it, after the image,
+  through the processor's chat template with the generation prompt. Families the official code
+  never ran get VLM2Vec's raw format with their own image placeholder.
+The official code batches MMEB rows (VLM2Vec `src/collator.py::process_vlm_inputs`, UniME-V2
+`Embedding/src/model_utils.py::Phi3V_process_fn` and siblings) one processor call per row (one
+string, `[image]`, `max_length=max_len, truncation=True`: the tokenizer's right-side cut, ignored
+by Phi-3.5-V's processor when there is an image), then `tokenizer.pad`. UniME's MMEB commands:
+max_len 256 for Phi-3.5-V (num_crops 4), 4096 for LLaVA-1.6; UniME-V2's: 4096.
+"""
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TEXT_INSTRUCTION = "Summary above sentence in one word:"
+IMAGE_INSTRUCTION = "Summary above image in one word:"
+MMEB_IMAGE_TAG = re.compile(r"<\|image_\d+\|>")  # MMEB text hard-codes Phi-3-V's tags
+
+CHATML_TURN = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+# family -> raw: image placeholder in MMEB text; turn, chat_image: the user turn and the image
+# in it, used where the official strings are fixed (phi3_v, llava_next Mistral) or the processor
+# has no chat template; vision: module names of the vision tower and projector; max_len: the
+# official MMEB max_len; eval_resolution: the official MMEB eval image size (see prepare_image).
+FAMILIES = {
+    "phi3_v": dict(raw="<|image_1|>", turn="<|user|>\n{}<|end|>\n<|assistant|>\n",
+                   chat_image="<|image_1|>\n", vision=("vision_embed_tokens",), max_len=256),
+    "llava": dict(raw="<image>", turn="USER: {} ASSISTANT:", chat_image="<image>\n",
+                  vision=("vision_tower", "multi_modal_projector")),
+    "llava_next": dict(raw="<image>", turn="[INST] {} [/INST]", chat_image="<image>\n",
+                       vision=("vision_tower", "multi_modal_projector"), max_len=4096,
+                       eval_resolution="high"),
+    "llava_onevision": dict(raw="<image>", chat_image="<image>\n", eval_resolution="high",
+                            turn="<|im_start|>user {}<|im_end|><|im_start|>assistant\n",
+                            vision=("vision_tower", "multi_modal_projector")),
+    "qwen2_vl": dict(raw="<|image_pad|>",
+                     turn="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                          "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+                     chat_image="<|vision_start|><|image_pad|><|vision_end|>",
+                     vision=("visual",), max_len=4096, eval_resolution="high"),
+    "qwen3_vl": dict(raw="<|image_pad|>", turn=CHATML_TURN,
+                     chat_image="<|vision_start|><|image_pad|><|vision_end|>", vision=("visual",)),
+    "idefics3": dict(raw="<image>", turn="User:{}<end_of_utterance>\nAssistant:",
+                     chat_image="<image>", vision=("vision_model", "connector")),
+    "internvl": dict(raw="<IMG_CONTEXT>", turn=CHATML_TURN, chat_image="<IMG_CONTEXT>\n",
+                     vision=("vision_tower", "multi_modal_projector")),
+    "gemma3": dict(raw="<start_of_image>",
+                   turn="<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n",
+                   chat_image="<start_of_image>", vision=("vision_tower", "multi_modal_projector")),
+}
+FAMILIES["qwen2_5_vl"] = FAMILIES["qwen2_vl"]  # same tokens, template and official settings
+FAMILIES["smolvlm"] = {**FAMILIES["idefics3"],
+                       "turn": "<|im_start|>User:{}<end_of_utterance>\nAssistant:"}
+# an image placeholder of any family, or an MMEB tag: text before it is never cut
+PLACEHOLDER = re.compile("|".join([MMEB_IMAGE_TAG.pattern] + sorted(
+    {re.escape(spec["raw"]) for spec in FAMILIES.values()})))
+
+# LLaVA-NeXT checkpoints share model_type `llava_next` whatever LLM they wrap; the user turn of
+# each, for processors without a chat template (picked by the checkpoint's name).
+LLAVA_NEXT_TURNS = {
+    "mistral": FAMILIES["llava_next"]["turn"],
+    "vicuna": "USER: {} ASSISTANT:",
+    "llama3": "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "chatml": CHATML_TURN,  # 34B, 72B, 110B
+}
+
+
+def family_of(config, override=None):
+    """The family of a model config (its `model_type`), or `override` when given."""
+    family = override or getattr(config, "model_type", config)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown backbone family {family!r}: known families are "
+                         f"{sorted(FAMILIES)}; pass --family to choose one of them")
+    return family
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def _chat_template(processor):
+    return processor and (getattr(processor, "chat_template", None)
+                          or _tokenizer(processor).chat_template)
+
+
+def llava_next_variant(processor):
+    """The user turn of a LLaVA-NeXT checkpoint: "mistral" (the paper's LLaVA-1.6, official
+    strings) for Mistral's `[INST]` chat template, "own" for any other chat template; without a
+    template, the turn of the LLM its name says (LLAVA_NEXT_TURNS), else Mistral's."""
+    template = _chat_template(processor)
+    if template:
+        return "mistral" if "[INST]" in template else "own"
+    name = str(getattr(_tokenizer(processor), "name_or_path", "")).lower() if processor else ""
+    for variant, marks in (("vicuna", ("vicuna",)), ("llama3", ("llama3", "llama-3")),
+                           ("chatml", ("34b", "72b", "110b"))):
+        if any(mark in name for mark in marks):
+            return variant
+    return "mistral"
+
+
+def _wrap(family, text, image, processor):
+    """One user turn holding (image, text) in the family's chat format."""
+    spec, template = FAMILIES[family], _chat_template(processor)
+    turn = spec["turn"]
+    variant = llava_next_variant(processor) if family == "llava_next" else None
+    if variant in LLAVA_NEXT_TURNS:
+        turn, template = LLAVA_NEXT_TURNS[variant], None
+    if family == "phi3_v" or not template:  # the official strings, or no template to follow
+        return turn.format((spec["chat_image"] if image else "") + text)
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+    tokenizer = _tokenizer(processor)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                           chat_template=template, tokenize=False,
+                                           add_generation_prompt=True)
+    # templates that open with the BOS text (Gemma 3, Idefics3) would get a second BOS from a
+    # tokenizer that adds its own
+    bos = tokenizer.bos_token
+    adds_bos = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    if bos and prompt.startswith(bos) and adds_bos:
+        prompt = prompt[len(bos):]
+    return prompt
+
+
+def format_prompt(family, text=None, image=False, instruction=None, processor=None):
+    """The prompt string of one input. Without `instruction`: the "in one word" prompt (§3.1) in
+    the family's chat template; an image alone gets the image prompt, anything with text the
+    sentence prompt. With `instruction` (a whole MMEB row's text, stage 2 and MMEB eval): the
+    official MMEB format, `<|image_1|>` swapped for the family's placeholder, which is put in
+    front when an image is given but not mentioned."""
+    family = family_of(family)
+    raw = FAMILIES[family]["raw"]
+    if instruction is None:
+        if text is None and not image:
+            raise ValueError("an input needs text, an image, or both")
+        if text is not None and not text.strip():
+            raise ValueError("empty text: every input needs some content to embed")
+        body = f"{text}\n{TEXT_INSTRUCTION}" if text is not None else IMAGE_INSTRUCTION
+        return _wrap(family, body, image, processor)
+    body = MMEB_IMAGE_TAG.sub(raw, instruction)
+    if image and raw not in body:
+        body = f"{raw}\n{body}"
+    if not image and (raw in body or not body.strip()):
+        raise ValueError(f"an MMEB input without an image needs text, and no image tag: "
+                         f"{instruction!r}")
+    if family == "llava_onevision":  # UniME-V2's Llava_OV_process
+        body = body.replace(f"{raw}\n", "").replace(raw, "").strip()
+        return _wrap(family, body, image, processor)
+    return body
+
+
+# ---------------------------------------------------------------- one chunk -> tensors
+
+def process(processor, family, texts=None, images=None, instructions=None, max_length=None):
+    """One chunk of inputs (lists; an entry may be None) -> a left-padded batch of CPU tensors
+    for `model.model(**batch)`. Rows with and without an image may share a chunk in every
+    family. `max_length` caps each row's tokens, image tokens included (see `shorten`)."""
+    n = len(next(x for x in (texts, images, instructions) if x is not None))
+    texts, images, instructions = (list(x) if x is not None else [None] * n
+                                   for x in (texts, images, instructions))
+    for _ in range(4):  # re-tokenizing a cut text may merge tokens differently: measure again
+        prompts = [format_prompt(family, t, im is not None, ins, processor)
+                   for t, im, ins in zip(texts, images, instructions)]
+        batch = _batch(processor, family, prompts, images)
+        lengths = batch["attention_mask"].sum(1).tolist()
+        over = [(i, n_tokens - max_length) for i, n_tokens in enumerate(lengths)
+                if max_length and n_tokens > max_length]
+        if not over:
+            return batch
+        for i, excess in over:
+            if instructions[i] is not None:
+                instructions[i] = shorten(_tokenizer(processor), instructions[i], excess)
+            else:
+                texts[i] = shorten(_tokenizer(processor), texts[i], excess)
+    raise ValueError(f"could not fit rows {[i for i, _ in over]} into {max_length} tokens")
+
+
+def _batch(processor, family, prompts, images):
+    if family == "phi3_v":
+        return _one_prompt_per_call(processor, prompts, images)
+    # every processor here accepts images nested per sample; Idefics3, SmolVLM and Gemma 3 need it
+    nested = [[im] if im is not None else [] for im in images]
+    return dict(processor(text=prompts, images=nested if any(nested) else None, padding=True,
+                          padding_side="left", return_tensors="pt"))
+
+
+def _one_prompt_per_call(processor, prompts, images):
+    """Phi-3.5-V's processor takes one prompt string per call when it has an image (it splits on
+    `<|image_N|>` and returns a batch of one): process row by row, then left-pad and stack, as
+    VLM2Vec's collator does. Image tokens are negative ids; the model places the images' features
+    at them in row order, so `pixel_values` holds only the rows that have an image."""
+    rows = [processor(p, [im] if im is not None else None, return_tensors="pt")
+            for p, im in zip(prompts, images)]
+    width, pad = max(r["input_ids"].shape[1] for r in rows), _tokenizer(processor).pad_token_id
+
+    def left_pad(t, value=0):  # (1, L) -> (1, width)
+        return F.pad(t, (width - t.shape[1], 0), value=value)
+    batch = {"input_ids": torch.cat([left_pad(r["input_ids"], pad) for r in rows]),
+             "attention_mask": torch.cat([left_pad(r["attention_mask"]) for r in rows])}
+    with_image = [r for r in rows if "pixel_values" in r]
+    if with_image:  # the processor pads every image to num_crops + 1 crops
+        batch["pixel_values"] = torch.cat([r["pixel_values"] for r in with_image])
+        batch["image_sizes"] = torch.cat([r["image_sizes"] for r in with_image])
+    return batch
+
+
+def shorten(tokenizer, text, n_tokens):
+    """`text` less about `n_tokens` tokens, taken from its middle.
+    Why the middle: the embedding is read at the prompt's last token, so its end stays; MMEB puts
+    the task instruction first ("Represent the given image with the following question: ..."),
+    so its start stays; image placeholders before the cut region stay (MMEB puts them first).
+    The official code cuts the end instead (the tokenizer's right-side truncation), which moves
+    the embedding position into the middle of a sentence; it only matters for rows longer than
+    max_len. The chat template and the "in one word" instruction are never cut: they are added
+    around `text` afterwards."""
+    tags = list(PLACEHOLDER.finditer(text))
+    head, body = (text[:tags[-1].end()], text[tags[-1].end():]) if tags else ("", text)
+    ids = tokenizer(body, add_special_tokens=False)["input_ids"]
+    keep = len(ids) - n_tokens
+    if keep <= 0:
+        raise ValueError(f"max_length leaves no room for the text {text[:60]!r}...: raise it")
+    front = keep - keep // 2
+    return head + tokenizer.decode(ids[:front]) + tokenizer.decode(ids[len(ids) - keep // 2:])
+
+
+# ---------------------------------------------------------------- images
+
+RESOLUTIONS = {"high": 1344, "mid": 672, "mid_336": 336, "low": 128}
+
+
+def prepare_image(family, image, resolution=None):
+    """VLM2Vec's `_process_image` / UniME-V2's `process_image`: Phi-3.5-V images are never
+    resized, its processor tiles them into 336-px crops (at most `num_crops`, a processor
+    argument: 4 in UniME's MMEB eval); other families are squashed to a square of the named side
+    ("high" 1344, "mid" 672, "mid_336" 336, "low" 128, or pixels; the paper's stage 2: 336).
+    None keeps the image. Official MMEB eval: FAMILIES[family].get("eval_resolution")."""
+    if image is None or resolution is None or family_of(family) == "phi3_v":
+        return image
+    side = RESOLUTIONS[resolution] if isinstance(resolution, str) else int(resolution)
+    return image.resize((side, side))
+
+
+# ---------------------------------------------------------------- LoRA targets
+
+def lora_targets(model, family, include_vision=False):
+    """Names of the nn.Linear layers that get an adapter. Stage 1 (§3.2, only the LLM learns):
+    the decoder's. Stage 2 (§3.3, all linear layers of the MLLM): the vision tower's and the
+    projector's too. Never the LM head; never a layer owned by nn.MultiheadAttention, which reads
+    its weight directly (a wrapper breaks it); never SigLIP's pooling head, whose output
+    LLaVA-OneVision and Gemma 3 do not use (its adapters would get no gradient)."""
+    vision = set(FAMILIES[family_of(family)]["vision"])
+    unused = unused_vision_layers(model, family)
+    head = model.get_output_embeddings()
+    owned = {id(m) for mha in model.modules() if isinstance(mha, nn.MultiheadAttention)
+             for m in mha.modules()}
+    targets = []
+    for name, module in model.named_modules():
+        parts = set(name.split("."))
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        if (not isinstance(module, nn.Linear) or module is head or id(module) in owned
+                or (parts & vision and ("head" in parts or not include_vision
+                                        or (layer and int(layer.group(1)) in unused)))):
+            continue
+        targets.append(name)
+    if not targets:
+        raise ValueError(f"no linear layers to adapt in this {family} model")
+    return targets
+
+
+def unused_vision_layers(model, family):
+    """Indices of the vision tower's layers after the one the projector reads. LLaVA-1.5 and
+    LLaVA-NeXT (`vision_feature_layer` -2) and Phi-3.5-V (`img_processor.layer_idx`, -2) read the
+    second-to-last CLIP layer: the last one runs but never reaches the embedding."""
+    config = model.config
+    layer = getattr(config, "vision_feature_layer", None)
+    if family == "phi3_v":
+        layer = (getattr(config, "img_processor", None) or {}).get("layer_idx", -2)
+    if layer is None:
+        return set()
+    vision = set(FAMILIES[family]["vision"])
+    found = [re.search(r"\.layers\.(\d+)$", name) for name, _ in model.named_modules()
+             if set(name.split(".")) & vision]
+    n = len({m.group(1) for m in found if m})
+    # hidden states: n + 1 of them, the k-th after k layers; a negative index counts from the end
+    reads = max(i % (n + 1) for i in (layer if isinstance(layer, (list, tuple)) else [layer]))
+    return set(range(reads, n))
+
+
+# ---------------------------------------------------------------- loading
+
+def load_processor(name_or_path, **kwargs):
+    """The checkpoint's processor, padding on the left (the official evaluation pads left).
+    Qwen2/2.5/3-VL, LLaVA-OneVision, SmolVLM and InternVL processors hold a video processor that
+    needs torchvision; without it, the same class is built without it: we embed images only."""
+    import transformers
+    from transformers import AutoProcessor
+    try:
+        processor = AutoProcessor.from_pretrained(name_or_path, **kwargs)
+    except ImportError as error:
+        if "torchvision" not in str(error).lower():
+            raise
+        config, _ = transformers.ProcessorMixin.get_processor_dict(name_or_path, **kwargs)
+        cls = getattr(transformers, str(config.get("processor_class")), None)
+        if cls is None:  # remote code (Phi-3.5-V): its own image processor needs torchvision
+            raise
+        processor = _images_only(cls).from_pretrained(name_or_path, **kwargs)
+    _tokenizer(processor).padding_side = "left"
+    return processor
+
+
+def _images_only(processor_class):
+    class ImagesOnly(processor_class):
+        @classmethod
+        def get_attributes(cls):
+            return [a for a in super().get_attributes() if a != "video_processor"]
+    ImagesOnly.__name__ = f"{processor_class.__name__}ImagesOnly"
+    return ImagesOnly

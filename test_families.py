@@ -1,0 +1,387 @@
+"""Every backbone family on a tiny random checkpoint of its real architecture (tiny_backbones.py):
+detection, prompt strings, batching of text, image and mixed chunks, truncation, LoRA targets.
+
+    pytest -q test_families.py
+
+Each checkpoint is built offline, saved as a hub checkpoint is and loaded back through the Auto
+classes (processors through `families.load_processor`, which copes without torchvision), except
+Phi-3.5-V: its remote code cannot be fetched here, so it runs on stand-ins (tiny_backbones.py).
+Expected strings are written out by hand from the official code's format.
+"""
+import functools
+import importlib.util
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import families
+import tiny_backbones as tiny
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tensors of width 32 gain nothing from threads, and threads that wait on a busy machine
+    made each forward 100 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# name -> (family, builder, decoder prefix, projector layers that only stage 2 adapts)
+LLAVA_PROJECTOR = ("model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2")
+SPECS = {
+    "phi3_v": ("phi3_v", None, "model.layers.",
+               ("model.vision_embed_tokens.img_projection.0",
+                "model.vision_embed_tokens.img_projection.2")),
+    "llava": ("llava", tiny.build_llava, "model.language_model.", LLAVA_PROJECTOR),
+    "llava_next": ("llava_next", tiny.build_llava_next, "model.language_model.", LLAVA_PROJECTOR),
+    "llava_onevision": ("llava_onevision", tiny.build_llava_onevision, "model.language_model.",
+                        LLAVA_PROJECTOR),
+    "llava_onevision_siglip_head": (
+        "llava_onevision", functools.partial(tiny.build_llava_onevision, vision_use_head=True),
+        "model.language_model.", LLAVA_PROJECTOR),
+    "qwen2_vl": ("qwen2_vl", tiny.build_qwen2_vl, "model.language_model.",
+                 ("model.visual.merger.mlp.0", "model.visual.merger.mlp.2")),
+    "qwen2_5_vl": ("qwen2_5_vl", tiny.build_qwen2_5_vl, "model.language_model.",
+                   ("model.visual.merger.mlp.0", "model.visual.merger.mlp.2")),
+    "qwen3_vl": ("qwen3_vl", tiny.build_qwen3_vl, "model.language_model.",
+                 ("model.visual.merger.linear_fc1", "model.visual.merger.linear_fc2")),
+    "idefics3": ("idefics3", tiny.build_idefics3, "model.text_model.",
+                 ("model.connector.modality_projection.proj",)),
+    "smolvlm": ("smolvlm", tiny.build_smolvlm, "model.text_model.",
+                ("model.connector.modality_projection.proj",)),
+    "internvl": ("internvl", tiny.build_internvl, "model.language_model.", LLAVA_PROJECTOR),
+    # Gemma 3's projector is a weight matrix (nn.Parameter), not an nn.Linear: no adapter fits it
+    "gemma3": ("gemma3", tiny.build_gemma3, "model.language_model.", ()),
+}
+NEEDS_TORCHVISION = {"llava_onevision", "llava_onevision_siglip_head", "qwen2_vl", "qwen2_5_vl",
+                     "qwen3_vl", "smolvlm", "internvl"}
+TEXTS = ["a red cat", "a blue dog ran in the park today and sat on a mat"]
+
+
+def build(name, folder):
+    """(family, model, processor) loaded as a downloaded checkpoint would be."""
+    family, builder = SPECS[name][:2]
+    if builder is None:
+        return (family, *tiny.build_phi3_v())
+    if name == "smolvlm" and importlib.util.find_spec("num2words") is None:
+        pytest.skip("SmolVLM's processor needs the num2words package")
+    path = builder(str(folder / "model"))
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    return family, model, families.load_processor(path)
+
+
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def loaded(request, tmp_path_factory):
+    return (request.param, *build(request.param, tmp_path_factory.mktemp(request.param)))
+
+
+# ---------------------------------------------------------------- detection
+
+def test_family_comes_from_the_config(loaded):
+    name, family, model, _ = loaded
+    config = model.config if name != "phi3_v" else type("Cfg", (), {"model_type": "phi3_v"})()
+    assert families.family_of(config) == family
+    assert families.family_of(config, override="llava") == "llava"
+
+
+def test_unknown_family_names_the_known_ones():
+    with pytest.raises(ValueError, match="mllama.*known families are.*qwen2_vl"):
+        families.family_of(type("Cfg", (), {"model_type": "mllama"})())
+
+
+# ---------------------------------------------------------------- prompts
+
+PHI_IMAGE = "<|user|>\n<|image_1|>\nSummary above image in one word:<|end|>\n<|assistant|>\n"
+PHI_TEXT = "<|user|>\na red cat\nSummary above sentence in one word:<|end|>\n<|assistant|>\n"
+MISTRAL_IMAGE = "[INST] <image>\nSummary above image in one word: [/INST]"
+MISTRAL_TEXT = "[INST] a red cat\nSummary above sentence in one word: [/INST]"
+
+
+def test_in_one_word_prompts_are_deepglints_strings(tmp_path):
+    """deepglint/UniME self_evaluate/retrieval_self.py, written out by hand."""
+    _, phi = tiny.build_phi3_v()
+    for processor in (None, phi):
+        assert families.format_prompt("phi3_v", image=True, processor=processor) == PHI_IMAGE
+        assert families.format_prompt("phi3_v", text="a red cat", processor=processor) == PHI_TEXT
+    mistral = AutoProcessor.from_pretrained(tiny.build_llava_next(str(tmp_path / "m")))
+    for processor in (None, mistral):
+        assert families.format_prompt("llava_next", image=True,
+                                      processor=processor) == MISTRAL_IMAGE
+        assert families.format_prompt("llava_next", text="a red cat",
+                                      processor=processor) == MISTRAL_TEXT
+
+
+# the processor's own chat template, written out for one image prompt and one text prompt
+CHAT_PROMPTS = {
+    "llava": ("USER: <image>\nSummary above image in one word: ASSISTANT:",
+              "USER: a red cat\nSummary above sentence in one word: ASSISTANT:"),
+    "llava_onevision": (
+        "<|im_start|>user <image>\nSummary above image in one word:<|im_end|>"
+        "<|im_start|>assistant\n",
+        "<|im_start|>user \na red cat\nSummary above sentence in one word:<|im_end|>"
+        "<|im_start|>assistant\n"),
+    "qwen2_vl": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>Summary above image in one word:<|im_end|>\n"
+        "<|im_start|>assistant\n",
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "a red cat\nSummary above sentence in one word:<|im_end|>\n<|im_start|>assistant\n"),
+    "qwen3_vl": (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+        "Summary above image in one word:<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\na red cat\nSummary above sentence in one word:<|im_end|>\n"
+        "<|im_start|>assistant\n"),
+    # the template's leading BOS text is dropped: the tokenizer adds BOS itself
+    "idefics3": ("User:<image>Summary above image in one word:<end_of_utterance>\nAssistant:",
+                 "User: a red cat\nSummary above sentence in one word:<end_of_utterance>\n"
+                 "Assistant:"),
+    "smolvlm": ("<|im_start|>User:<image>Summary above image in one word:<end_of_utterance>\n"
+                "Assistant:",
+                "<|im_start|>User: a red cat\nSummary above sentence in one word:"
+                "<end_of_utterance>\nAssistant:"),
+    "internvl": ("<|im_start|>user\n<IMG_CONTEXT>\nSummary above image in one word:<|im_end|>\n"
+                 "<|im_start|>assistant\n",
+                 "<|im_start|>user\na red cat\nSummary above sentence in one word:<|im_end|>\n"
+                 "<|im_start|>assistant\n"),
+    "gemma3": ("<start_of_turn>user\n<start_of_image>Summary above image in one word:"
+               "<end_of_turn>\n<start_of_turn>model\n",
+               "<start_of_turn>user\na red cat\nSummary above sentence in one word:<end_of_turn>\n"
+               "<start_of_turn>model\n"),
+}
+CHAT_PROMPTS["qwen2_5_vl"] = CHAT_PROMPTS["qwen2_vl"]
+CHAT_PROMPTS["llava_onevision_siglip_head"] = CHAT_PROMPTS["llava_onevision"]
+
+
+def test_in_one_word_prompts_use_the_processors_chat_template(loaded):
+    name, family, _, processor = loaded
+    if name not in CHAT_PROMPTS:
+        pytest.skip("official fixed strings: see the test above")
+    image, text = CHAT_PROMPTS[name]
+    assert families.format_prompt(family, image=True, processor=processor) == image
+    assert families.format_prompt(family, text="a red cat", processor=processor) == text
+
+
+LLAVA_NEXT_VARIANTS = {
+    "llava_next_vicuna": ("llava-hf/llava-v1.6-vicuna-7b-hf",
+                          "USER: <image>\nSummary above image in one word: ASSISTANT:"),
+    "llava_next_llama3": ("llava-hf/llama3-llava-next-8b-hf",
+                          "<|start_header_id|>user<|end_header_id|>\n\n<image>\nSummary above "
+                          "image in one word:<|eot_id|><|start_header_id|>assistant"
+                          "<|end_header_id|>\n\n"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(LLAVA_NEXT_VARIANTS))
+def test_llava_next_follows_the_llm_it_wraps(tmp_path, variant):
+    """vicuna and llama3 LLaVA-NeXT checkpoints share model_type llava_next with the Mistral one:
+    their template is read from the processor, or, without one, chosen by the checkpoint name."""
+    hub_id, expected = LLAVA_NEXT_VARIANTS[variant]
+    with_template = AutoProcessor.from_pretrained(
+        tiny.build_llava_next(str(tmp_path / "a"), variant))
+    assert families.format_prompt("llava_next", image=True, processor=with_template) == expected
+    bare = AutoProcessor.from_pretrained(tiny.build_llava_next(str(tmp_path / "b"), template=None))
+    assert bare.chat_template is None
+    bare.tokenizer.name_or_path = hub_id
+    assert families.format_prompt("llava_next", image=True, processor=bare) == expected
+
+
+# MMEB rows as MMEB-train/eval ship them (Phi-3's tag), and the official input for each backbone
+ROW_IMAGE = "<|image_1|>\nRepresent the given image for classification."
+ROW_TEXT = "Find me an everyday image that matches the given caption: a red cat."
+OFFICIAL_MMEB = {
+    # VLM2Vec / UniME-V2: raw text, the tag swapped for the backbone's placeholder
+    "phi3_v": ROW_IMAGE,
+    "llava_next": "<image>\nRepresent the given image for classification.",
+    "qwen2_vl": "<|image_pad|>\nRepresent the given image for classification.",
+    "qwen2_5_vl": "<|image_pad|>\nRepresent the given image for classification.",
+    # UniME-V2 Llava_OV_process: placeholder stripped, image then text in the chat template
+    "llava_onevision": "<|im_start|>user <image>\nRepresent the given image for classification."
+                       "<|im_end|><|im_start|>assistant\n",
+}
+
+
+def test_mmeb_prompts_are_the_official_pipelines(loaded):
+    name, family, _, processor = loaded
+    if family not in OFFICIAL_MMEB:
+        pytest.skip("no official MMEB pipeline for this family: raw text with its placeholder")
+    assert families.format_prompt(family, image=True, instruction=ROW_IMAGE,
+                                  processor=processor) == OFFICIAL_MMEB[family]
+    text_only = families.format_prompt(family, instruction=ROW_TEXT, processor=processor)
+    if family == "llava_onevision":
+        assert text_only == f"<|im_start|>user \n{ROW_TEXT}<|im_end|><|im_start|>assistant\n"
+    else:
+        assert text_only == ROW_TEXT
+
+
+def test_mmeb_placeholder_added_when_missing_and_refused_without_image():
+    assert families.format_prompt("qwen2_vl", image=True, instruction="Represent it.") == \
+        "<|image_pad|>\nRepresent it."
+    for row in (ROW_IMAGE, " "):
+        with pytest.raises(ValueError, match="without an image"):
+            families.format_prompt("llava_next", instruction=row)
+
+
+# ---------------------------------------------------------------- batching and pooling
+
+def last_real_token(hidden, mask):
+    """Brute force: for each row, the hidden state at the largest index whose mask is 1."""
+    return torch.stack([h[max(j for j in range(len(m)) if m[j])] for h, m in zip(hidden, mask)])
+
+
+CHUNKS = {"text": dict(texts=TEXTS),
+          # rows 0 and 1 differ only by their image: their embeddings differ iff images count
+          "image": dict(texts=[None, None, TEXTS[0]], images=tiny.images() + tiny.images()[:1]),
+          "mixed": dict(texts=[TEXTS[1], None, None], images=[None] + tiny.images()),
+          "mmeb": dict(instructions=[ROW_IMAGE, ROW_TEXT, "<|image_1|> Find a caption."],
+                       images=[tiny.images()[0], None, tiny.images()[1]])}
+
+
+@pytest.mark.parametrize("chunk", sorted(CHUNKS))
+def test_chunk_embeds_at_the_last_real_token(loaded, chunk):
+    """`process` gives one left-padded batch; pooling its last real token equals the full model's
+    final hidden state at the last position, and each row's embedding is the one it gets alone
+    (padding, position ids and image placement do not leak across rows)."""
+    name, family, model, processor = loaded
+    batch = families.process(processor, family, **CHUNKS[chunk])
+    mask = batch["attention_mask"]
+    assert (mask[:, -1] == 1).all(), "left padding"
+    assert (mask[:, 0] == 0).any(), "the chunk must really be padded for the test to mean much"
+    with torch.no_grad():
+        pooled = last_real_token(model.model(**batch).last_hidden_state, mask)
+        full = model(**batch, output_hidden_states=True).hidden_states[-1][:, -1]
+        torch.testing.assert_close(pooled, full, atol=1e-5, rtol=1e-5)
+        rows = [dict(zip(CHUNKS[chunk], row)) for row in zip(*CHUNKS[chunk].values())]
+        alone = torch.cat([model.model(**families.process(processor, family, **{
+            k: [v] for k, v in row.items()})).last_hidden_state[:, -1] for row in rows])
+    torch.testing.assert_close(pooled, alone, atol=1e-4, rtol=1e-4)
+    assert (F.normalize(pooled[0], dim=-1) - F.normalize(pooled[1], dim=-1)).abs().max() > 1e-4
+
+
+def test_phi3_v_processor_takes_one_prompt_per_call():
+    """The stand-in keeps the real contract, which a batched call breaks."""
+    _, processor = tiny.build_phi3_v()
+    with pytest.raises(TypeError):
+        processor([PHI_IMAGE, PHI_IMAGE], images=tiny.images())
+    out = processor(PHI_IMAGE, images=tiny.images()[:1])
+    assert out["input_ids"].shape[0] == 1 and (out["input_ids"] < 0).sum() > 0
+
+
+# ---------------------------------------------------------------- truncation
+
+LONG = " ".join(f"word{i}" for i in range(60)) + " the last words of the text"
+
+
+def n_image_tokens(batch, processor):
+    """Image positions: negative ids (Phi-3.5-V) or the processor's image token."""
+    ids = batch["input_ids"]
+    return int(((ids < 0) | (ids == getattr(processor, "image_token_id", -1))).sum())
+
+
+@pytest.mark.parametrize("kind", ["sentence", "mmeb"])
+def test_truncation_keeps_the_prompt_end_start_and_image_tokens(loaded, kind):
+    name, family, _, processor = loaded
+    image = tiny.images()[0]
+    if kind == "sentence":  # image + long text under the "in one word" prompt
+        row = dict(texts=[LONG], images=[image])
+    else:
+        row = dict(instructions=[f"<|image_1|>\nRepresent the image with the question: {LONG}"],
+                   images=[image])
+    full = families.process(processor, family, **row)
+    n = full["input_ids"].shape[1]
+    cut = families.process(processor, family, max_length=n - 40, **row)
+    assert n - 60 <= cut["input_ids"].shape[1] <= n - 40
+    assert n_image_tokens(cut, processor) == n_image_tokens(full, processor) > 0
+    torch.testing.assert_close(cut["input_ids"][0, -8:], full["input_ids"][0, -8:])  # the end
+    torch.testing.assert_close(cut["input_ids"][0, :8], full["input_ids"][0, :8])  # the start
+    words = processor.tokenizer.decode(cut["input_ids"][0][cut["input_ids"][0] >= 0])
+    assert "word0" in words and "of the text" in words and "word30" not in words
+
+
+def test_truncation_refuses_a_budget_that_leaves_no_text():
+    _, processor = tiny.build_phi3_v()
+    with pytest.raises(ValueError, match="no room"):
+        families.process(processor, "phi3_v", texts=[LONG], max_length=5)
+
+
+# ---------------------------------------------------------------- LoRA targets
+
+def linear_names(model):
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def linears_reaching_the_embedding(model, processor, family):
+    """Measured: the nn.Linear layers whose weight gets a gradient from the last-token state of
+    a chunk with an image row and a text row."""
+    batch = families.process(processor, family, texts=[TEXTS[0], None],
+                             images=[None, tiny.images()[0]])
+    model.model(**batch).last_hidden_state[:, -1].sum().backward()
+    used = {n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m.weight.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return used
+
+
+def test_lora_targets_decoder_in_stage1_and_every_used_layer_in_stage2(loaded):
+    """Stage 1: exactly the decoder's linear layers. Stage 2: exactly the linear layers that
+    reach the embedding, the vision projector among them; not the LM head, not vision layers
+    whose output is never read (their adapters would get no gradient)."""
+    name, family, model, processor = loaded
+    decoder, projector = SPECS[name][2], SPECS[name][3]
+    used = linears_reaching_the_embedding(model, processor, family)
+    stage1 = set(families.lora_targets(model, family))
+    assert stage1 == {n for n in linear_names(model) if n.startswith(decoder)}
+    assert stage1 <= used
+    stage2 = set(families.lora_targets(model, family, include_vision=True))
+    # a tied LM head (Gemma 3) shares its weight with the input embeddings, hence a gradient
+    assert stage2 == used - {"lm_head"} and set(projector) <= stage2
+
+
+def test_stage2_adapters_run_and_all_get_gradients(loaded, tmp_path):
+    """Wrap every stage-2 target, embed a mixed chunk, backpropagate: nothing breaks (SigLIP's
+    pooling head in LLaVA-OneVision did) and every adapter gets a gradient (DDP needs that)."""
+    from model import LoRALinear
+    family, model, processor = build(loaded[0], tmp_path)  # a fresh copy: wrapping mutates it
+    for target in families.lora_targets(model, family, include_vision=True):
+        parent, _, child = target.rpartition(".")
+        layer = LoRALinear(model.get_submodule(parent).get_submodule(child), r=2, alpha=4)
+        nn.init.normal_(layer.lora_B)
+        setattr(model.get_submodule(parent), child, layer)
+    batch = families.process(processor, family, texts=[TEXTS[0], None],
+                             images=[None, tiny.images()[0]])
+    model.model(**batch).last_hidden_state[:, -1].sum().backward()
+    missing = [n for n, p in model.named_parameters() if "lora_" in n and p.grad is None]
+    assert not missing, missing[:5]
+
+
+# ---------------------------------------------------------------- loading, images
+
+def test_video_processors_need_torchvision_and_load_without_it(loaded, tmp_path):
+    name, family, _, processor = loaded
+    if name not in NEEDS_TORCHVISION:
+        pytest.skip("this family's processor loads through AutoProcessor here")
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed")
+    path = SPECS[name][1](str(tmp_path / "m"))
+    with pytest.raises(ImportError, match="[Tt]orchvision"):
+        AutoProcessor.from_pretrained(path)
+    with open(f"{path}/processor_config.json") as f:
+        hub_class = getattr(transformers, json.load(f)["processor_class"])
+    assert isinstance(processor, hub_class) and not hasattr(processor, "video_processor")
+    assert processor.tokenizer.padding_side == "left"
+
+
+def test_prepare_image_per_family():
+    image = tiny.images()[0]
+    assert families.prepare_image("phi3_v", image, "high") is image  # num_crops tiles it
+    assert families.prepare_image("llava_next", image, "high").size == (1344, 1344)
+    assert families.prepare_image("qwen2_vl", image, 336).size == (336, 336)
+    assert families.prepare_image("llava_next", image) is image
+    assert families.FAMILIES["llava_next"]["eval_resolution"] == "high"
+    assert families.FAMILIES["phi3_v"]["max_len"] == 256
+    assert families.FAMILIES["llava_next"]["max_len"] == 4096

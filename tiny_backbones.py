@@ -1,0 +1,486 @@
+"""Tiny random checkpoints of every supported backbone family, built offline from config.
+
+Each builder writes a folder the way a downloaded checkpoint looks (`save_pretrained` of the
+model and of the processor, the processor class named as on the hub), so the tests load it
+through the Auto classes like any hub id. Tokenizers are trained here with the `tokenizers`
+library; chat templates render the same strings as the real checkpoints' templates for the
+conversations used here (image first, then text, one user turn).
+
+Phi-3.5-V is the exception: its processor and model are remote code that cannot be fetched
+offline and that transformers 5 can no longer import, and transformers has no native class for
+it. `Phi3VStandInProcessor` reproduces its processor's contract and `build_phi3_v` a tiny model
+with its module names and forward inputs, built from transformers' Phi-3 and CLIP classes.
+"""
+import json
+import os
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+W = 32  # hidden width of every tiny tower
+CORPUS = ["a red cat sat on a mat", "a blue dog ran in the park today",
+          "Summary above image in one word:", "Summary above sentence in one word:",
+          "Represent the given image for classification.", "Find a caption for the photo.",
+          "You are a helpful assistant. user assistant system model USER ASSISTANT"] * 3
+
+# ---------------------------------------------------------------- chat templates (test data)
+# The real checkpoints' templates, reduced to what one user turn with images and text renders.
+
+def _template(before, image, text, after, generation):
+    """Jinja source: per message `before`, each image, each text part (`text`, an expression of
+    `c['text']`), `after`; then `generation` when a generation prompt is asked for."""
+    return ("{% for message in messages %}" + before
+            + "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ "
+            + image + " }}{% endfor %}"
+            + "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ "
+            + text + " }}{% endfor %}" + after + "{% endfor %}"
+            + "{% if add_generation_prompt %}" + generation + "{% endif %}")
+
+
+IDEFICS_ROLE = ("{{ message['role'] | capitalize }}"
+                "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}"
+                "{% endif %}")
+IM_START_ASSISTANT = "{{ '<|im_start|>assistant\\n' }}"
+TEMPLATES = {
+    # llava-hf/llava-1.5-7b-hf
+    "llava": _template("{{ message['role'].upper() + ': ' }}", "'<image>\\n'",
+                       "c['text'] + ' '", "", "{{ 'ASSISTANT:' }}"),
+    # llava-hf/llava-v1.6-mistral-7b-hf
+    "llava_next_mistral": _template("{{ '[INST] ' }}", "'<image>\\n'", "c['text']",
+                                    "{{ ' [/INST]' }}", ""),
+    # llava-hf/llava-v1.6-vicuna-7b-hf
+    "llava_next_vicuna": _template("{{ message['role'].upper() + ': ' }}", "'<image>\\n'",
+                                   "c['text'] + ' '", "", "{{ 'ASSISTANT:' }}"),
+    # llava-hf/llama3-llava-next-8b-hf
+    "llava_next_llama3": _template(
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}",
+        "'<image>\\n'", "c['text'] + '<|eot_id|>'", "",
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"),
+    # llava-hf/llava-onevision-qwen2-*-ov-hf
+    "llava_onevision": _template("{{ '<|im_start|>' + message['role'] + ' ' }}", "'<image>'",
+                                 "'\\n' + c['text']", "{{ '<|im_end|>' }}", IM_START_ASSISTANT),
+    # Qwen/Qwen2-VL-*-Instruct and Qwen2.5-VL: a default system turn comes first
+    "qwen2_vl": ("{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+                 "{{ '<|im_start|>' + message['role'] + '\\n' }}{% for c in message['content'] %}"
+                 "{% if c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+                 "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+                 "{{ '<|im_end|>\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}" + IM_START_ASSISTANT + "{% endif %}"),
+    # Qwen/Qwen3-VL-*-Instruct: no default system turn
+    "qwen3_vl": _template("{{ '<|im_start|>' + message['role'] + '\\n' }}",
+                          "'<|vision_start|><|image_pad|><|vision_end|>'", "c['text']",
+                          "{{ '<|im_end|>\\n' }}", IM_START_ASSISTANT),
+    # HuggingFaceM4/Idefics3-8B-Llama3 (its template opens with the tokenizer's BOS text)
+    "idefics3": "{{ bos_token }}" + _template(IDEFICS_ROLE, "'<image>'", "c['text']",
+                                              "{{ '<end_of_utterance>\\n' }}",
+                                              "{{ 'Assistant:' }}"),
+    # HuggingFaceTB/SmolVLM-*-Instruct
+    "smolvlm": "{{ '<|im_start|>' }}" + _template(IDEFICS_ROLE, "'<image>'", "c['text']",
+                                                  "{{ '<end_of_utterance>\\n' }}",
+                                                  "{{ 'Assistant:' }}"),
+    # OpenGVLab/InternVL3-*-hf
+    "internvl": _template("{{ '<|im_start|>' + message['role'] + '\\n' }}", "'<IMG_CONTEXT>\\n'",
+                          "c['text']", "{{ '<|im_end|>\\n' }}", IM_START_ASSISTANT),
+    # google/gemma-3-*-it
+    "gemma3": "{{ bos_token }}" + _template("{{ '<start_of_turn>user\\n' }}", "'<start_of_image>'",
+                                            "c['text']", "{{ '<end_of_turn>\\n' }}",
+                                            "{{ '<start_of_turn>model\\n' }}"),
+}
+
+
+# ---------------------------------------------------------------- shared pieces
+
+def tokenizer(specials, bos=False, **attributes):
+    """A byte-level BPE tokenizer trained on CORPUS. `bos`: it adds `<s>` in front of every
+    input, as Llama, Mistral, Gemma and Phi tokenizers do; Qwen's add nothing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>", "<unk>"] + specials
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    if bos:
+        bpe.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", 1)])
+    # saved right-padded on purpose: the code under test must pad on the left itself
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="right",
+                                   **attributes)
+
+
+def text_config(tok, **extra):
+    return dict(vocab_size=len(tok), hidden_size=W, intermediate_size=2 * W, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, **extra)
+
+
+def vision_config(image_size, patch_size, **extra):
+    return dict(hidden_size=W, intermediate_size=2 * W, num_hidden_layers=1, num_attention_heads=2,
+                image_size=image_size, patch_size=patch_size, **extra)
+
+
+def save(path, model, processor, processor_class=None, video_processor_type=None):
+    """Write model and processor as a hub checkpoint is laid out. `processor_class` renames a
+    test-side subclass to the class the hub names, so the Auto classes resolve it; the video
+    processor the hub checkpoint names is recorded too (loading it needs torchvision)."""
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    if processor_class:
+        config_path = os.path.join(path, "processor_config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        config["processor_class"] = processor_class
+        config["video_processor"] = {"video_processor_type": video_processor_type}
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
+    return path
+
+
+def images_only(processor_class):
+    """The family's processor class without its video processor (which needs torchvision)."""
+    class ImagesOnly(processor_class):
+        @classmethod
+        def get_attributes(cls):
+            return [a for a in super().get_attributes() if a != "video_processor"]
+    return ImagesOnly
+
+
+def images():
+    # different sizes and aspect ratios: tiling families pick different grids, so image prompts
+    # get different lengths and are left-padded
+    return [Image.new("RGB", (20, 12), (255, 0, 0)), Image.new("RGB", (12, 40), (0, 0, 255))]
+
+
+# ---------------------------------------------------------------- one builder per family
+
+def build_llava(path):
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    tok = tokenizer(["<image>"], bos=True)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**vision_config(16, 8)),
+                         text_config=LlamaConfig(**text_config(tok)),
+                         image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         image_seq_length=4, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 16},
+                                              crop_size={"height": 16, "width": 16}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=TEMPLATES["llava"])
+    return save(path, LlavaForConditionalGeneration(config), processor)
+
+
+def build_llava_next(path, template="llava_next_mistral"):
+    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig)
+    tok = tokenizer(["<image>"], bos=True)
+    img, patch = 16, 8
+    pinpoints = [[img, 2 * img], [2 * img, img], [2 * img, 2 * img]]
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**vision_config(img, patch)),
+        text_config=MistralConfig(sliding_window=None, **text_config(tok)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": img}, crop_size={"height": img, "width": img},
+            image_grid_pinpoints=pinpoints),
+        tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=TEMPLATES[template] if template else None)
+    return save(path, LlavaNextForConditionalGeneration(config), processor)
+
+
+def build_llava_onevision(path, vision_use_head=False):
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor,
+                              Qwen2Config, SiglipVisionConfig)
+    tok = tokenizer(["<image>", "<video>", "<|im_start|>", "<|im_end|>"])
+    img, patch = 16, 8
+    pinpoints = [[img, 2 * img], [2 * img, img], [2 * img, 2 * img]]
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(vision_use_head=vision_use_head,
+                                         **vision_config(img, patch)),
+        text_config=Qwen2Config(**text_config(tok)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1, vision_feature_select_strategy="full")
+    torch.manual_seed(0)
+    processor = images_only(LlavaOnevisionProcessor)(
+        image_processor=LlavaOnevisionImageProcessorPil(
+            size={"height": img, "width": img}, image_grid_pinpoints=pinpoints),
+        tokenizer=tok, video_processor=None, num_image_tokens=(img // patch) ** 2,
+        vision_feature_select_strategy="full", chat_template=TEMPLATES["llava_onevision"])
+    return save(path, LlavaOnevisionForConditionalGeneration(config), processor,
+                "LlavaOnevisionProcessor", "LlavaOnevisionVideoProcessor")
+
+
+QWEN_SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|im_start|>", "<|im_end|>"]
+
+
+def _qwen_ids(tok):
+    ids = tok.convert_tokens_to_ids
+    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"),
+                vision_end_token_id=ids("<|vision_end|>"))
+
+
+def _qwen_image_processor(patch):
+    from transformers import Qwen2VLImageProcessorPil
+    # at most 4x4 merged tokens per image: a few dozen positions in all
+    return Qwen2VLImageProcessorPil(min_pixels=(2 * patch) ** 2, max_pixels=(8 * patch) ** 2,
+                                    patch_size=patch, merge_size=2, temporal_patch_size=2)
+
+
+def build_qwen2_vl(path):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    tok = tokenizer(QWEN_SPECIALS)
+    rope = dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0)
+    config = Qwen2VLConfig(
+        text_config=text_config(tok, rope_parameters=rope),
+        vision_config=dict(depth=1, embed_dim=W, hidden_size=W, num_heads=2, patch_size=4),
+        **_qwen_ids(tok))
+    torch.manual_seed(0)
+    processor = images_only(Qwen2VLProcessor)(
+        image_processor=_qwen_image_processor(4), tokenizer=tok, video_processor=None,
+        chat_template=TEMPLATES["qwen2_vl"])
+    return save(path, Qwen2VLForConditionalGeneration(config), processor, "Qwen2VLProcessor",
+                "Qwen2VLVideoProcessor")
+
+
+def build_qwen2_5_vl(path):
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor)
+    tok = tokenizer(QWEN_SPECIALS)
+    rope = dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0)
+    config = Qwen2_5_VLConfig(
+        text_config=text_config(tok, rope_parameters=rope),
+        vision_config=dict(depth=1, hidden_size=W, intermediate_size=2 * W, num_heads=2,
+                           patch_size=4, out_hidden_size=W, window_size=16,
+                           fullatt_block_indexes=[0]),
+        **_qwen_ids(tok))
+    torch.manual_seed(0)
+    processor = images_only(Qwen2_5_VLProcessor)(
+        image_processor=_qwen_image_processor(4), tokenizer=tok, video_processor=None,
+        chat_template=TEMPLATES["qwen2_vl"])
+    return save(path, Qwen2_5_VLForConditionalGeneration(config), processor,
+                "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor")
+
+
+def build_qwen3_vl(path):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    tok = tokenizer(QWEN_SPECIALS)
+    rope = dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0,
+                mrope_interleaved=True)
+    config = Qwen3VLConfig(
+        text_config=text_config(tok, head_dim=16, rope_parameters=rope),
+        vision_config=dict(depth=2, hidden_size=W, intermediate_size=2 * W, num_heads=2,
+                           patch_size=4, out_hidden_size=W, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]),
+        **_qwen_ids(tok))
+    torch.manual_seed(0)
+    processor = images_only(Qwen3VLProcessor)(
+        image_processor=_qwen_image_processor(4), tokenizer=tok, video_processor=None,
+        chat_template=TEMPLATES["qwen3_vl"])
+    return save(path, Qwen3VLForConditionalGeneration(config), processor, "Qwen3VLProcessor",
+                "Qwen3VLVideoProcessor")
+
+
+IDEFICS_SPECIALS = (["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+                     "<|im_start|>"]
+                    + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
+
+
+def build_idefics3(path):
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration,
+                              Idefics3ImageProcessorPil, Idefics3Processor, Idefics3VisionConfig,
+                              LlamaConfig)
+    tok = tokenizer(IDEFICS_SPECIALS, bos=True)
+    img, patch, scale = 16, 4, 2
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(**vision_config(img, patch)),
+        text_config=LlamaConfig(**text_config(tok)),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale,
+        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessorPil(size={"longest_edge": 2 * img},
+                                                  max_image_size={"longest_edge": img}),
+        tokenizer=tok, image_seq_len=(img // patch) ** 2 // scale ** 2,
+        chat_template=TEMPLATES["idefics3"])
+    return save(path, Idefics3ForConditionalGeneration(config), processor)
+
+
+def build_smolvlm(path):
+    from transformers import (LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration,
+                              SmolVLMImageProcessorPil, SmolVLMProcessor, SmolVLMVisionConfig)
+    tok = tokenizer(IDEFICS_SPECIALS)
+    img, patch, scale = 16, 4, 2
+    config = SmolVLMConfig(
+        vision_config=SmolVLMVisionConfig(**vision_config(img, patch)),
+        text_config=LlamaConfig(**text_config(tok)),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale)
+    torch.manual_seed(0)
+    processor = images_only(SmolVLMProcessor)(
+        image_processor=SmolVLMImageProcessorPil(size={"longest_edge": 2 * img},
+                                                 max_image_size={"longest_edge": img}),
+        tokenizer=tok, video_processor=None, image_seq_len=(img // patch) ** 2 // scale ** 2,
+        chat_template=TEMPLATES["smolvlm"])
+    return save(path, SmolVLMForConditionalGeneration(config), processor, "SmolVLMProcessor",
+                "SmolVLMVideoProcessor")
+
+
+def build_gemma3(path):
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration,
+                              Gemma3ImageProcessorPil, Gemma3Processor, Gemma3TextConfig,
+                              SiglipVisionConfig)
+    tok = tokenizer(["<start_of_image>", "<end_of_image>", "<image_soft_token>",
+                     "<start_of_turn>", "<end_of_turn>"], bos=True,
+                    extra_special_tokens={"boi_token": "<start_of_image>",
+                                          "eoi_token": "<end_of_image>",
+                                          "image_token": "<image_soft_token>"})
+    img, patch, tokens = 16, 4, 4
+    ids = tok.convert_tokens_to_ids
+    config = Gemma3Config(
+        text_config=Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16, sliding_window=64,
+                                     **text_config(tok)),
+        vision_config=SiglipVisionConfig(vision_use_head=False, **vision_config(img, patch)),
+        mm_tokens_per_image=tokens, boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"))
+    torch.manual_seed(0)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": img, "width": img}),
+        tokenizer=tok, image_seq_length=tokens, chat_template=TEMPLATES["gemma3"])
+    model = Gemma3ForConditionalGeneration(config)
+    # its projector starts at zero, which would make every image embed alike
+    nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight)
+    return save(path, model, processor)
+
+
+# ---------------------------------------------------------------- Phi-3.5-V stand-ins
+
+class Phi3VStandInProcessor:
+    """The contract of microsoft/Phi-3.5-vision-instruct's remote `Phi3VProcessor`: text alone
+    goes to the tokenizer (a list is fine); with images, `text` must be ONE string whose
+    `<|image_N|>` tags (numbered from 1) match the images; each text piece is tokenized on its
+    own (with BOS), the tags become `-N` repeated once per image token, and the result is a batch
+    of one: input_ids, attention_mask, pixel_values (images, num_crops + 1, 3, s, s; padded
+    with zero crops) and image_sizes (images, 2: the tiled height and width). The tiling is
+    simplified (tiles of `s` pixels along the longer side, at most `num_crops`)."""
+
+    def __init__(self, tokenizer, tile=16, num_crops=3, tokens_per_tile=4):
+        self.tokenizer, self.tile, self.num_crops = tokenizer, tile, num_crops
+        self.tokens_per_tile = tokens_per_tile
+
+    def __call__(self, text, images=None, padding=False, truncation=None, max_length=None,
+                 return_tensors="pt"):
+        import numpy as np
+        if images is None:
+            return self.tokenizer(text, padding=padding, truncation=truncation,
+                                  max_length=max_length, return_tensors=return_tensors)
+        pieces = [self.tokenizer(p)["input_ids"] for p in re.split(r"<\|image_\d+\|>", text)]
+        tags = [int(t) for t in re.findall(r"<\|image_(\d+)\|>", text)]
+        assert sorted(set(tags)) == list(range(1, len(images) + 1)), "tags must match images"
+        crops, sizes, n_tokens = [], [], []
+        for image in images:
+            w, h = image.size
+            long_tiles = min(self.num_crops, max(1, round(max(w, h) / min(w, h))))
+            rows, cols = (1, long_tiles) if w >= h else (long_tiles, 1)
+            hd = np.asarray(image.convert("RGB").resize((cols * self.tile, rows * self.tile)))
+            hd = torch.tensor(hd, dtype=torch.float32).permute(2, 0, 1) / 255
+            glob = F.interpolate(hd[None], size=(self.tile, self.tile), mode="bilinear")[0]
+            tiles = [hd[:, r * self.tile:(r + 1) * self.tile, c * self.tile:(c + 1) * self.tile]
+                     for r in range(rows) for c in range(cols)]
+            stack = torch.stack([glob] + tiles)
+            crops.append(F.pad(stack, (0, 0, 0, 0, 0, 0, 0, self.num_crops + 1 - len(stack))))
+            sizes.append([rows * self.tile, cols * self.tile])
+            n_tokens.append((1 + rows * cols) * self.tokens_per_tile)
+        ids = list(pieces[0])
+        for tag, piece in zip(tags, pieces[1:]):
+            ids += [-tag] * n_tokens[tag - 1] + piece
+        ids = torch.tensor([ids])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "pixel_values": torch.stack(crops), "image_sizes": torch.tensor(sizes)}
+
+
+def build_phi3_v(tile=16, patch=8):
+    """A tiny model with Phi3VForCausalLM's module names and forward inputs: Phi-3 decoder
+    (`model.layers`), CLIP tower (`model.vision_embed_tokens.img_processor`), MLP projector
+    (`model.vision_embed_tokens.img_projection.0/.2`); image features replace the negative ids.
+    In memory only: it has no Auto class, as the real one has none in transformers 5."""
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, Phi3Config, Phi3ForCausalLM,
+                              Phi3Model)
+    tok = tokenizer(["<|user|>", "<|end|>", "<|assistant|>"], bos=True)
+
+    class ImageEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.img_processor = CLIPVisionModel(CLIPVisionConfig(
+                **{**vision_config(tile, patch), "num_hidden_layers": 2}))
+            self.img_projection = nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.Linear(W, W))
+
+        def forward(self, pixel_values, image_sizes):  # one image -> (its tokens, W)
+            n_crops = 1 + int(image_sizes[0] // tile) * int(image_sizes[1] // tile)
+            # the real model reads the second-to-last CLIP layer (config.img_processor layer_idx);
+            # run by hand: a nested output_hidden_states call leaves hooks behind in transformers 5
+            clip = self.img_processor
+            out = clip.pre_layrnorm(clip.embeddings(pixel_values[:n_crops]))
+            for layer in clip.encoder.layers[:-1]:
+                out = layer(out, None)
+            out = out[:, 1:]
+            return self.img_projection(out.reshape(-1, out.shape[-1]))
+
+    class Phi3VModel(Phi3Model):
+        def __init__(self, config):
+            super().__init__(config)
+            self.vision_embed_tokens = ImageEmbedding()
+
+        def forward(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
+                    inputs_embeds=None, **kwargs):
+            embeds = self.embed_tokens(input_ids.clamp(min=0))
+            where = (input_ids < 0).nonzero(as_tuple=True)  # row-major: images in row order
+            if where[0].numel():
+                features = torch.cat([self.vision_embed_tokens(p, s)
+                                      for p, s in zip(pixel_values, image_sizes)])
+                embeds = embeds.index_put(where, features.to(embeds.dtype))
+            return super().forward(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+    config = Phi3Config(**text_config(tok), img_processor={"layer_idx": -2})
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(config)
+    model.model = Phi3VModel(config)
+    return model.eval(), Phi3VStandInProcessor(tok, tile=tile, tokens_per_tile=(tile // patch) ** 2)
+
+
+def build_internvl(path):
+    from transformers import (GotOcr2ImageProcessorPil, InternVLConfig,
+                              InternVLForConditionalGeneration, InternVLProcessor, Qwen2Config)
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+    tok = tokenizer(["<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>", "<|im_end|>"],
+                    extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                          "context_image_token": "<IMG_CONTEXT>",
+                                          "video_token": "<video>"})
+    img, patch = 16, 4
+    tokens = (img // patch) ** 2 // 4  # downsample_ratio 0.5 per side
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(hidden_size=W, intermediate_size=2 * W,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           image_size=[img, img], patch_size=[patch, patch]),
+        text_config=Qwen2Config(**text_config(tok)),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=tokens)
+    torch.manual_seed(0)
+    processor = images_only(InternVLProcessor)(
+        image_processor=GotOcr2ImageProcessorPil(size={"height": img, "width": img},
+                                                 crop_to_patches=True, max_patches=3),
+        tokenizer=tok, image_seq_length=tokens, chat_template=TEMPLATES["internvl"])
+    return save(path, InternVLForConditionalGeneration(config), processor, "InternVLProcessor",
+                "InternVLVideoProcessor")
