@@ -4,20 +4,14 @@ Each builder writes a folder the way a downloaded checkpoint looks (`save_pretra
 model and of the processor, the processor class named as on the hub), so the tests load it
 through the Auto classes like any hub id. Tokenizers are trained here with the `tokenizers`
 library; chat templates render the same strings as the real checkpoints' templates for the
-conversations used here (image first, then text, one user turn).
-
-Phi-3.5-V is the exception: its processor and model are remote code that cannot be fetched
-offline and that transformers 5 can no longer import, and transformers has no native class for
-it. `Phi3VStandInProcessor` reproduces its processor's contract and `build_phi3_v` a tiny model
-with its module names and forward inputs, built from transformers' Phi-3 and CLIP classes.
+conversations used here (image first, then text, one user turn). Phi-3.5-V, whose code is
+remote, has stand-ins instead: tiny_phi3_v.py.
 """
 import json
 import os
-import re
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 W = 32  # hidden width of every tiny tower
@@ -241,58 +235,43 @@ def _qwen_image_processor(patch):
                                     patch_size=patch, merge_size=2, temporal_patch_size=2)
 
 
-def build_qwen2_vl(path):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-    tok = tokenizer(QWEN_SPECIALS)
-    rope = dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0)
-    config = Qwen2VLConfig(
-        text_config=text_config(tok, rope_parameters=rope),
-        vision_config=dict(depth=1, embed_dim=W, hidden_size=W, num_heads=2, patch_size=4),
-        **_qwen_ids(tok))
-    torch.manual_seed(0)
-    processor = images_only(Qwen2VLProcessor)(
-        image_processor=_qwen_image_processor(4), tokenizer=tok, video_processor=None,
-        chat_template=TEMPLATES["qwen2_vl"])
-    return save(path, Qwen2VLForConditionalGeneration(config), processor, "Qwen2VLProcessor",
-                "Qwen2VLVideoProcessor")
+# family -> (class name prefix, vision config, extra text config, template, video processor)
+QWEN = {
+    "qwen2_vl": ("Qwen2VL", dict(depth=1, embed_dim=W, hidden_size=W, num_heads=2, patch_size=4),
+                 {}, "qwen2_vl", "Qwen2VLVideoProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VL", dict(depth=1, hidden_size=W, intermediate_size=2 * W,
+                                      num_heads=2, patch_size=4, out_hidden_size=W,
+                                      window_size=16, fullatt_block_indexes=[0]),
+                   {}, "qwen2_vl", "Qwen2VLVideoProcessor"),
+    "qwen3_vl": ("Qwen3VL", dict(depth=2, hidden_size=W, intermediate_size=2 * W, num_heads=2,
+                                 patch_size=4, out_hidden_size=W, num_position_embeddings=16,
+                                 deepstack_visual_indexes=[0]),
+                 dict(head_dim=16), "qwen3_vl", "Qwen3VLVideoProcessor"),
+}
+# Qwen3-VL-MoE: a model type without a row in families.FAMILIES (it runs with --family qwen3_vl)
+QWEN["qwen3_vl_moe"] = ("Qwen3VLMoe", QWEN["qwen3_vl"][1],
+                        dict(head_dim=16, num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=W), "qwen3_vl", "Qwen3VLVideoProcessor")
 
 
-def build_qwen2_5_vl(path):
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor)
-    tok = tokenizer(QWEN_SPECIALS)
-    rope = dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0)
-    config = Qwen2_5_VLConfig(
-        text_config=text_config(tok, rope_parameters=rope),
-        vision_config=dict(depth=1, hidden_size=W, intermediate_size=2 * W, num_heads=2,
-                           patch_size=4, out_hidden_size=W, window_size=16,
-                           fullatt_block_indexes=[0]),
-        **_qwen_ids(tok))
-    torch.manual_seed(0)
-    processor = images_only(Qwen2_5_VLProcessor)(
-        image_processor=_qwen_image_processor(4), tokenizer=tok, video_processor=None,
-        chat_template=TEMPLATES["qwen2_vl"])
-    return save(path, Qwen2_5_VLForConditionalGeneration(config), processor,
-                "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor")
-
-
-def build_qwen3_vl(path):
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+def build_qwen_vl(path, family="qwen2_vl"):
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE: one tokenizer, one image processor, the
+    classes named by the family."""
+    import transformers
+    prefix, vision, extra, template, video = QWEN[family]
     tok = tokenizer(QWEN_SPECIALS)
     rope = dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0,
-                mrope_interleaved=True)
-    config = Qwen3VLConfig(
-        text_config=text_config(tok, head_dim=16, rope_parameters=rope),
-        vision_config=dict(depth=2, hidden_size=W, intermediate_size=2 * W, num_heads=2,
-                           patch_size=4, out_hidden_size=W, num_position_embeddings=16,
-                           deepstack_visual_indexes=[0]),
+                **({"mrope_interleaved": True} if prefix.startswith("Qwen3") else {}))
+    config = getattr(transformers, f"{prefix}Config")(
+        text_config=text_config(tok, rope_parameters=rope, **extra), vision_config=vision,
         **_qwen_ids(tok))
     torch.manual_seed(0)
-    processor = images_only(Qwen3VLProcessor)(
+    processor_class = "Qwen3VLProcessor" if prefix.startswith("Qwen3") else f"{prefix}Processor"
+    processor = images_only(getattr(transformers, processor_class))(
         image_processor=_qwen_image_processor(4), tokenizer=tok, video_processor=None,
-        chat_template=TEMPLATES["qwen3_vl"])
-    return save(path, Qwen3VLForConditionalGeneration(config), processor, "Qwen3VLProcessor",
-                "Qwen3VLVideoProcessor")
+        chat_template=TEMPLATES[template])
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+    return save(path, model, processor, processor_class, video)
 
 
 IDEFICS_SPECIALS = (["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
@@ -364,101 +343,6 @@ def build_gemma3(path):
     # its projector starts at zero, which would make every image embed alike
     nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight)
     return save(path, model, processor)
-
-
-# ---------------------------------------------------------------- Phi-3.5-V stand-ins
-
-class Phi3VStandInProcessor:
-    """The contract of microsoft/Phi-3.5-vision-instruct's remote `Phi3VProcessor`: text alone
-    goes to the tokenizer (a list is fine); with images, `text` must be ONE string whose
-    `<|image_N|>` tags (numbered from 1) match the images; each text piece is tokenized on its
-    own (with BOS), the tags become `-N` repeated once per image token, and the result is a batch
-    of one: input_ids, attention_mask, pixel_values (images, num_crops + 1, 3, s, s; padded
-    with zero crops) and image_sizes (images, 2: the tiled height and width). The tiling is
-    simplified (tiles of `s` pixels along the longer side, at most `num_crops`)."""
-
-    def __init__(self, tokenizer, tile=16, num_crops=3, tokens_per_tile=4):
-        self.tokenizer, self.tile, self.num_crops = tokenizer, tile, num_crops
-        self.tokens_per_tile = tokens_per_tile
-
-    def __call__(self, text, images=None, padding=False, truncation=None, max_length=None,
-                 return_tensors="pt"):
-        import numpy as np
-        if images is None:
-            return self.tokenizer(text, padding=padding, truncation=truncation,
-                                  max_length=max_length, return_tensors=return_tensors)
-        pieces = [self.tokenizer(p)["input_ids"] for p in re.split(r"<\|image_\d+\|>", text)]
-        tags = [int(t) for t in re.findall(r"<\|image_(\d+)\|>", text)]
-        assert sorted(set(tags)) == list(range(1, len(images) + 1)), "tags must match images"
-        crops, sizes, n_tokens = [], [], []
-        for image in images:
-            w, h = image.size
-            long_tiles = min(self.num_crops, max(1, round(max(w, h) / min(w, h))))
-            rows, cols = (1, long_tiles) if w >= h else (long_tiles, 1)
-            hd = np.asarray(image.convert("RGB").resize((cols * self.tile, rows * self.tile)))
-            hd = torch.tensor(hd, dtype=torch.float32).permute(2, 0, 1) / 255
-            glob = F.interpolate(hd[None], size=(self.tile, self.tile), mode="bilinear")[0]
-            tiles = [hd[:, r * self.tile:(r + 1) * self.tile, c * self.tile:(c + 1) * self.tile]
-                     for r in range(rows) for c in range(cols)]
-            stack = torch.stack([glob] + tiles)
-            crops.append(F.pad(stack, (0, 0, 0, 0, 0, 0, 0, self.num_crops + 1 - len(stack))))
-            sizes.append([rows * self.tile, cols * self.tile])
-            n_tokens.append((1 + rows * cols) * self.tokens_per_tile)
-        ids = list(pieces[0])
-        for tag, piece in zip(tags, pieces[1:]):
-            ids += [-tag] * n_tokens[tag - 1] + piece
-        ids = torch.tensor([ids])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "pixel_values": torch.stack(crops), "image_sizes": torch.tensor(sizes)}
-
-
-def build_phi3_v(tile=16, patch=8):
-    """A tiny model with Phi3VForCausalLM's module names and forward inputs: Phi-3 decoder
-    (`model.layers`), CLIP tower (`model.vision_embed_tokens.img_processor`), MLP projector
-    (`model.vision_embed_tokens.img_projection.0/.2`); image features replace the negative ids.
-    In memory only: it has no Auto class, as the real one has none in transformers 5."""
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, Phi3Config, Phi3ForCausalLM,
-                              Phi3Model)
-    tok = tokenizer(["<|user|>", "<|end|>", "<|assistant|>"], bos=True)
-
-    class ImageEmbedding(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.img_processor = CLIPVisionModel(CLIPVisionConfig(
-                **{**vision_config(tile, patch), "num_hidden_layers": 2}))
-            self.img_projection = nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.Linear(W, W))
-
-        def forward(self, pixel_values, image_sizes):  # one image -> (its tokens, W)
-            n_crops = 1 + int(image_sizes[0] // tile) * int(image_sizes[1] // tile)
-            # the real model reads the second-to-last CLIP layer (config.img_processor layer_idx);
-            # run by hand: a nested output_hidden_states call leaves hooks behind in transformers 5
-            clip = self.img_processor
-            out = clip.pre_layrnorm(clip.embeddings(pixel_values[:n_crops]))
-            for layer in clip.encoder.layers[:-1]:
-                out = layer(out, None)
-            out = out[:, 1:]
-            return self.img_projection(out.reshape(-1, out.shape[-1]))
-
-    class Phi3VModel(Phi3Model):
-        def __init__(self, config):
-            super().__init__(config)
-            self.vision_embed_tokens = ImageEmbedding()
-
-        def forward(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
-                    inputs_embeds=None, **kwargs):
-            embeds = self.embed_tokens(input_ids.clamp(min=0))
-            where = (input_ids < 0).nonzero(as_tuple=True)  # row-major: images in row order
-            if where[0].numel():
-                features = torch.cat([self.vision_embed_tokens(p, s)
-                                      for p, s in zip(pixel_values, image_sizes)])
-                embeds = embeds.index_put(where, features.to(embeds.dtype))
-            return super().forward(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
-
-    config = Phi3Config(**text_config(tok), img_processor={"layer_idx": -2})
-    torch.manual_seed(0)
-    model = Phi3ForCausalLM(config)
-    model.model = Phi3VModel(config)
-    return model.eval(), Phi3VStandInProcessor(tok, tile=tile, tokens_per_tile=(tile // patch) ** 2)
 
 
 def build_internvl(path):
