@@ -11,6 +11,7 @@ import math
 import torch
 
 import data
+import families
 
 PRESETS = {"paper": {  # §4.1 and Table 6; stage 1 counts 2 epochs of the NLI pairs, not steps
     1: dict(batch_size=768, chunk_size=64, lr=5e-4, lora_r=32, lora_alpha=64, lora_dropout=0.05,
@@ -24,7 +25,8 @@ DEFAULTS = {  # what neither the command line, a preset nor the toy set
             lora_alpha=64, lora_dropout=0.05, tau=0.05, teacher="nvidia/NV-Embed-v2",
             kd_direction="teacher-student"),
     2: dict(max_steps=1000, batch_size=256, chunk_size=32, lr=1e-4, warmup=50, lora_r=16,
-            lora_alpha=64, lora_dropout=0.1, tau=0.02, loss="unime", beta=0.1),
+            lora_alpha=64, lora_dropout=0.1, tau=0.02, loss="unime", beta=0.1,
+            image_size=336),
 }
 LOSSES = {  # stage 2's loss -> the flags only it takes, with their defaults
     "unime": dict(k=8, negatives="hard"),  # Eq. 4
@@ -32,7 +34,8 @@ LOSSES = {  # stage 2's loss -> the flags only it takes, with their defaults
     "hardness-weighted": dict(alpha=9.0),  # not UniME: LLaVE, α = 9 as in its training script
 }
 STAGE_FLAGS = {1: ("kd_direction", "hard_negatives"),  # refused in the other stage
-               2: ("loss", "k", "beta", "negatives", "alpha", "init", "toy_duplicates")}
+               2: ("loss", "k", "beta", "negatives", "alpha", "init", "toy_duplicates",
+                   "image_size")}
 
 
 def margin(text):
@@ -43,6 +46,16 @@ def margin(text):
     return value
 
 
+def image_size(value):
+    """--image-size: a side in pixels, a name of families.RESOLUTIONS, or "original"."""
+    if value in families.RESOLUTIONS or value == "original":
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: a positive number of pixels, original, or one "
+                                     f"of {sorted(families.RESOLUTIONS)}")
+
+
 def parse_args(argv=None):
     """The command line, then --preset; what neither sets stays None for the toy or DEFAULTS."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -50,13 +63,15 @@ def parse_args(argv=None):
     a("--stage", type=int, choices=[1, 2], required=True)
     a("--preset", choices=sorted(PRESETS), help="the paper's settings for this stage")
     a("--model", help="HF id, model folder or stage output to start from (default: the toy)")
-    a("--family", help="prompt family when the model type is not enough (see model.FAMILIES)")
+    a("--family", help="backbone family, when the model type is not one (families.py)")
     a("--trust-remote-code", action="store_true", help="run the model's own code (Phi-3.5-V)")
     a("--data", help="stage 1: NLI CSV/JSONL (sent0,sent1[,hard_neg]); stage 2: MMEB-train "
                      "JSONL/parquet files, comma-separated")
     a("--image-root", default="", help="stage 2: folder the image paths are relative to")
     a("--skip-missing-images", action="store_true", help="drop (and count) rows, not fail")
-    a("--image-size", type=int, help="resize images to this square (paper stage 2: 336)")
+    a("--image-size", type=image_size, help="stage 2: resize images to this square, in pixels "
+      "or VLM2Vec's names (high 1344, mid 672, mid_336, low 128), or keep them: original "
+      "(default 336, §4.1; Phi-3.5-V is never resized, its processor crops)")
     a("--teacher", help="stage 1 teacher, HF id or folder (paper: nvidia/NV-Embed-v2)")
     a("--teacher-pooling", choices=["mean", "cls", "last", "nv-embed"])
     a("--teacher-cache", help="file of cached teacher embeddings (default under runs/cache)")

@@ -70,8 +70,9 @@ def image_path(rel, image_root, where):
     return full
 
 
-def load_image(image, size=None):
-    """A PIL image from a PIL image or a path: RGB, optionally resized to size x size."""
+def load_image(image):
+    """A PIL image from a PIL image or a path, in RGB (resizing is the family's:
+    families.prepare_image)."""
     if isinstance(image, str):
         try:
             image = Image.open(image)
@@ -80,9 +81,7 @@ def load_image(image, size=None):
             raise ValueError(f"cannot read image {image}: {e}") from None
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits, not clip
         image = image.point(lambda v: v / 256).convert("L")
-    image = image.convert("RGB")
-    return image.resize((size, size), Image.BICUBIC) if size and image.size != (size, size) \
-        else image
+    return image.convert("RGB")
 
 
 # ---------------------------------------------------------------- stage 1: NLI (§4.2.1)

@@ -6,6 +6,9 @@ Every benchmark is cosine scores between L2-normalized embeddings:
 - SugarCrepe: is the image closer to its caption than to the negative caption? (Table 2)
 - UniME† (stage 1 only, §3.2.2): text and image embedded apart with their own prompts, summed.
 An input is a tuple (text, image, instruction); its embedding is cached on disk per model.
+Prompts (families.py): MMEB inputs are MMEB's own text in the official pipeline's raw format,
+cut to the family's max_len, images at the family's evaluation size (--image-size); the
+zero-shot benchmarks use the "in one word" prompts in the chat template, images as they are.
 
     python eval.py --task mmeb --data MMEB-eval/*.jsonl --image-root MMEB-eval/images
     python eval.py --task retrieval --data coco.jsonl --image-root coco --max-captions 5
@@ -21,7 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import config
 import data
+import families
 import model as M
 
 SUGARCREPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "sugarcrepe")
@@ -167,8 +172,9 @@ class EmbeddingCache:
 
 
 def make_encoder(model, processor, family, batch_size=64, device="cpu", stage1_sum=False,
-                 amp=None):
-    """inputs [(text, image, instruction)] -> (n, d), opening images one batch at a time.
+                 amp=None, max_length=None, resolution=None):
+    """inputs [(text, image, instruction)] -> (n, d), opening images one batch at a time
+    (resized by families.prepare_image to `resolution`; prompts cut to `max_length` tokens).
     stage1_sum is the UniME† protocol (§3.2.2): only the "in one word" prompts; an input with
     words and an image (MMEB: instruction text besides `<|image_1|>`) is embedded as text and
     as image separately, the two summed, then normalized."""
@@ -176,13 +182,14 @@ def make_encoder(model, processor, family, batch_size=64, device="cpu", stage1_s
         out = []
         for s in range(0, len(inputs), batch_size):
             texts, images, instructions = map(list, zip(*inputs[s:s + batch_size]))
-            out.append(M.encode(model, processor, family, texts, [
-                data.load_image(im) if im is not None else None for im in images], instructions,
-                batch_size, device, amp))
+            images = [families.prepare_image(family, data.load_image(im), resolution)
+                      if im is not None else None for im in images]
+            out.append(M.encode(model, processor, family, texts, images, instructions,
+                                batch_size, device, amp, max_length))
         return torch.cat(out)
 
     def summed(inputs):
-        words = [(t if t is not None else ins or "").replace(M.MMEB_IMAGE_TOKEN, "").strip()
+        words = [families.MMEB_IMAGE_TAG.sub("", t if t is not None else ins or "").strip()
                  for t, _, ins in inputs]
         sides = [(i, (w, None, None)) for i, w in enumerate(words) if w] + \
                 [(i, (None, x[1], None)) for i, x in enumerate(inputs) if x[1] is not None]
@@ -201,12 +208,23 @@ def load_model(path, device="cpu", dtype="auto", trust_remote_code=False, family
 
 
 def load_for_eval(path, device="cpu", dtype="auto", trust_remote_code=False, family=None,
-                  batch_size=64, stage1_sum=False, cache_dir=None):
-    """inputs -> embeddings for one model, through a cache keyed by the model's identity."""
+                  batch_size=64, stage1_sum=False, cache_dir=None, mmeb=False,
+                  image_size="official"):
+    """inputs -> embeddings for one model, through a cache keyed by the model's identity.
+    mmeb: MMEB's protocol (VLM2Vec's, which UniME's MMEB numbers come from): prompts cut to the
+    family's official max_len and, with image_size "official", images resized to the family's
+    official evaluation size. The zero-shot tasks keep images as they are (deepglint's
+    evaluation passes them to the processor unchanged). Any other image_size applies to all."""
     model, processor, family, amp = load_model(path, device, dtype, trust_remote_code, family)
+    spec = families.FAMILIES[family]
+    max_length = spec.get("max_len") if mmeb and not stage1_sum else None
+    if image_size == "official":
+        image_size = spec.get("eval_resolution") if mmeb else None
     cache = EmbeddingCache(f"{M.model_identity(path)} family={family} dtype={dtype} "
-                           f"amp={amp} stage1_sum={stage1_sum}", cache_dir)
-    encoder = make_encoder(model, processor, family, batch_size, device, stage1_sum, amp)
+                           f"amp={amp} stage1_sum={stage1_sum} max_length={max_length} "
+                           f"image_size={image_size}", cache_dir)
+    encoder = make_encoder(model, processor, family, batch_size, device, stage1_sum, amp,
+                           max_length, image_size)
     return lambda inputs: cache.embed(inputs, encoder)
 
 
@@ -278,7 +296,7 @@ def parse_args(argv=None):
     a("--image-root", default="", help="folder the image paths are relative to")
     a("--model", nargs="+", required=True,
       help="HF ids, model folders or stage outputs: each is scored on every dataset")
-    a("--family", help="prompt family when the model type is not enough (see model.FAMILIES)")
+    a("--family", help="backbone family, when the model type is not one (families.py)")
     a("--trust-remote-code", action="store_true", help="run the model's own code (Phi-3.5-V)")
     a("--out", default="results.json")
     a("--batch-size", type=int, default=64)
@@ -287,6 +305,11 @@ def parse_args(argv=None):
       help="auto: bf16 on CUDA, fp32 on the CPU")
     a("--cache-dir", default="runs/cache/eval", help="embedding cache ('' = memory only)")
     a("--stage1-sum", action="store_true", help="UniME†: one-word prompts, text + image summed")
+    a("--image-size", default="official",
+      type=lambda v: v if v == "official" else config.image_size(v),
+      help="resize images to this square: pixels, high (1344), mid (672), mid_336, low (128) "
+           "or original. official (default): MMEB at the family's evaluation size (VLM2Vec's: "
+           "1344 for LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL/2.5-VL), zero-shot tasks original")
     a("--max-captions", type=int, help="retrieval: first N captions per image (COCO: 5)")
     a("--limit", type=int, help="retrieval: first N images (ShareGPT4V: 1000)")
     args = p.parse_args(argv)
@@ -305,7 +328,8 @@ def main(argv=None):
     results = {}
     for path in args.model:
         embed = load_for_eval(path, args.device, args.dtype, args.trust_remote_code, args.family,
-                              args.batch_size, args.stage1_sum, args.cache_dir or None)
+                              args.batch_size, args.stage1_sum, args.cache_dir or None,
+                              args.task == "mmeb", args.image_size)
         if args.task == "mmeb":
             scores, groups = run_mmeb(args.data, args.image_root, embed)
         elif args.task == "retrieval":

@@ -246,8 +246,8 @@ def prepare_image(family, image, resolution=None):
     resized, its processor tiles them into 336-px crops (at most `num_crops`, a processor
     argument: 4 in UniME's MMEB eval); other families are squashed to a square of the named side
     ("high" 1344, "mid" 672, "mid_336" 336, "low" 128, or pixels; the paper's stage 2: 336).
-    None keeps the image. Official MMEB eval: FAMILIES[family].get("eval_resolution")."""
-    if image is None or resolution is None or family_of(family) == "phi3_v":
+    None or "original" keeps the image. Official MMEB eval: FAMILIES[family]["eval_resolution"]."""
+    if image is None or resolution in (None, "original") or family_of(family) == "phi3_v":
         return image
     side = RESOLUTIONS[resolution] if isinstance(resolution, str) else int(resolution)
     return image.resize((side, side))

@@ -2,7 +2,8 @@
 
 The embedding of an input is the final-layer hidden state of its *last real token* under a
 summarizing prompt ("... Summary above image in one word:"), L2-normalized. Any Hugging Face
-image-text-to-text model works; the prompt template depends on the backbone family.
+image-text-to-text model of a family in families.py works; that file holds what differs
+between families (prompts, batching, truncation, image sizes, LoRA targets).
 A stage of train.py writes a folder that `load_embedder` turns back into a model: the adapter
 merged onto the model it started from.
 """
@@ -17,78 +18,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------- prompts (§3.1)
-
-TEXT_INSTRUCTION = "Summary above sentence in one word:"
-IMAGE_INSTRUCTION = "Summary above image in one word:"
-MMEB_IMAGE_TOKEN = "<|image_1|>"  # MMEB-train/eval text hard-codes Phi-3-V's image token
-
-# Backbone family -> (chat template around the user turn, the family's image placeholder).
-# Phi-3.5-V and LLaVA-1.6 give exactly the strings of the official evaluation code (SPEC §1).
-FAMILIES = {
-    "phi3_v": ("<|user|>\n{}<|end|>\n<|assistant|>\n", "<|image_1|>"),
-    "llava_next": ("[INST] {} [/INST]", "<image>"),  # LLaVA-1.6 (Mistral)
-    "llava": ("USER: {} ASSISTANT:", "<image>"),  # LLaVA-1.5 and the embedded tiny model
-    "llava_onevision": ("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", "<image>"),
-    "qwen2_vl": ("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
-                 "<|vision_start|><|image_pad|><|vision_end|>"),
-    "qwen2_5_vl": ("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
-                   "<|vision_start|><|image_pad|><|vision_end|>"),
-    "idefics3": ("<|im_start|>User:{}<end_of_utterance>\nAssistant:", "<image>"),
-}
-
-
-def family_of(model_type):
-    if model_type not in FAMILIES:
-        raise ValueError(f"unknown backbone family {model_type!r}: known families are "
-                         f"{sorted(FAMILIES)}; pass --family to choose one of them")
-    return model_type
-
-
-def format_prompt(family, text=None, image=False, instruction=None):
-    """The prompt string for one input. Without `instruction`, the "in one word" prompts (§3.1):
-    an image alone gets the image prompt, anything with text the sentence prompt. With an
-    `instruction` (stage 2, MMEB), it is used as given, MMEB's `<|image_1|>` swapped for the
-    family's placeholder (added in front when an image is present but not mentioned)."""
-    template, image_token = FAMILIES[family_of(family)]
-    if instruction is None:
-        if text is None and not image:
-            raise ValueError("an input needs text, an image, or both")
-        if text is not None and not text.strip():
-            raise ValueError("empty text: every input needs some content to embed")
-        body = f"{text}\n{TEXT_INSTRUCTION}" if text is not None else IMAGE_INSTRUCTION
-        if image:
-            body = f"{image_token}\n{body}"
-        return template.format(body)
-    body = instruction.replace(MMEB_IMAGE_TOKEN, image_token)
-    if image and image_token not in body:
-        body = f"{image_token}\n{body}"
-    if not image and image_token in body:
-        raise ValueError(f"prompt mentions an image but none was given: {instruction!r}")
-    return template.format(body)
-
+import families
 
 # ---------------------------------------------------------------- loading any MLLM
 
 def load_mllm(name_or_path, dtype=torch.float32, device="cpu", trust_remote_code=False,
               family=None):
-    """(model, processor, family) from a Hugging Face id or a local folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, \
-        AutoProcessor
+    """(model, processor, family) from a Hugging Face id or a local folder; the family comes
+    from the config's model_type unless `family` names one (families.FAMILIES)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise SystemExit(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}\n"
                          f"Offline, pass a local folder (save_pretrained) or set HF_HOME to a "
                          f"cache that holds it; remote-code models need --trust-remote-code.")
-    family = family_of(family or config.model_type)
+    try:
+        family = families.family_of(config, family)
+    except ValueError as e:
+        raise SystemExit(f"{name_or_path}: {e}") from None
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     except ValueError:  # remote-code families (Phi-3.5-V) register only as causal LMs
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    processor.tokenizer.padding_side = "left"  # the official code pads left; pooling handles both
+    # Phi-3.5-V: at most 4 crops of 336 px per image, as UniME's MMEB evaluation runs it
+    crops = {"num_crops": 4} if family == "phi3_v" else {}
+    processor = families.load_processor(name_or_path, trust_remote_code=trust_remote_code,
+                                        **crops)
     return model.to(device), processor, family
 
 
@@ -144,39 +101,27 @@ def modality_chunks(has_image, chunk_size):
     return chunks
 
 
-def process(processor, family, texts=None, images=None, instruction=None, instructions=None,
+def process(processor, family, texts=None, images=None, instructions=None, max_length=None,
             device="cpu"):
-    """Tokenize (and process images for) one chunk of inputs; texts/images are lists where an
-    entry may be None. `instructions` gives one instruction per row (stage 2)."""
-    n = len(next(x for x in (texts, images, instructions) if x is not None))
-    texts = texts if texts is not None else [None] * n
-    images = images if images is not None else [None] * n
-    instructions = instructions if instructions is not None else [instruction] * n
-    prompts = [format_prompt(family, t, img is not None, ins)
-               for t, img, ins in zip(texts, images, instructions)]
-    present = [img for img in images if img is not None]
-    if present and len(present) != n:
-        raise ValueError("a chunk must be all-image or all-text for this processor; "
-                         "split mixed chunks by modality (train.py does)")
-    kwargs = dict(text=prompts, padding=True, return_tensors="pt")
-    if present:
-        kwargs["images"] = present
-    return processor(**kwargs).to(device)
+    """One chunk of inputs (lists; an entry may be None) -> the model's input tensors on
+    `device`: families.process, which formats each row's prompt (the "in one word" prompt for
+    text and images, MMEB's format for an instruction) and batches rows with left padding."""
+    batch = families.process(processor, family, texts, images, instructions, max_length)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
 def encode(model, processor, family, texts=None, images=None, instructions=None, batch_size=64,
-           device="cpu", amp=None):
+           device="cpu", amp=None, max_length=None):
     """Embed many inputs without gradients -> (n, d) float32 on the CPU, in input order.
     Rows with and without an image are batched apart (`modality_chunks`)."""
     n = len(next(x for x in (texts, images, instructions) if x is not None))
-    texts = texts if texts is not None else [None] * n
-    images = images if images is not None else [None] * n
-    instructions = instructions if instructions is not None else [None] * n
+    texts, images, instructions = (x if x is not None else [None] * n
+                                   for x in (texts, images, instructions))
     out = torch.empty(0)
     for idx in modality_chunks([img is not None for img in images], batch_size):
         batch = process(processor, family, [texts[i] for i in idx], [images[i] for i in idx],
-                        instructions=[instructions[i] for i in idx], device=device)
+                        [instructions[i] for i in idx], max_length, device)
         with autocast(device, amp):
             e = embed(model, batch).cpu()
         out = out if len(out) else torch.empty(n, e.shape[1])
@@ -212,26 +157,13 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-# Sub-modules that belong to the vision side in the supported families; stage 1 leaves them
-# untouched (§3.2: only the LLM learns), stage 2 adapts them too (§3.3: the whole MLLM).
-VISION_PARTS = ("vision_tower", "vision_model", "visual", "vision_embed_tokens", "img_processor",
-                "img_projection", "multi_modal_projector", "connector")
-LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "out_proj", "gate_proj",
-                   "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "linear_1", "linear_2",
-                   "qkv", "proj", "mlp.0", "mlp.2")
-
-
-def inject_lora(model, r, alpha, dropout, include_vision=False, suffixes=LINEAR_SUFFIXES):
-    """Freeze every parameter, then wrap each nn.Linear whose name ends with one of `suffixes`
-    (the LM head never matches), skipping the vision side unless `include_vision`.
-    Returns the wrapped module names."""
+def inject_lora(model, targets, r, alpha, dropout):
+    """Freeze every parameter, then wrap each nn.Linear named in `targets` (which layers a stage
+    adapts: families.lora_targets) in a LoRALinear. Returns `targets`."""
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = [name for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.endswith(suffixes)
-               and (include_vision or not set(name.split(".")) & set(VISION_PARTS))]
     if not targets:
-        raise ValueError(f"no linear layer name ends with one of {suffixes}")
+        raise ValueError("no layers to adapt")
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -334,7 +266,8 @@ def read_stage_meta(path):
 
 def save_stage_output(out, model, processor, init, stage, family, lora):
     """What a later stage or eval.py loads: the adapter (or, with lora=None, the whole model),
-    then `unime.json`: what it started from, that model's identity, the LoRA shape."""
+    then `unime.json`: what it started from, that model's identity, the LoRA shape and the
+    layers it wraps (so loading rebuilds the same adapter whatever families.py says then)."""
     if lora:
         save_atomic(os.path.join(out, "adapter.pt"), lora_state_dict(model))
     else:  # full fine-tuning: the folder is the model

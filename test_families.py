@@ -1,12 +1,14 @@
 """Every backbone family on a tiny random checkpoint of its real architecture (tiny_backbones.py):
-detection, prompt strings, batching of text, image and mixed chunks, truncation, LoRA targets.
+detection, prompt strings, batching of text, image and mixed chunks, embedding, truncation, LoRA
+targets. test_family_runs.py trains and evaluates each of them.
 
     pytest -q test_families.py
 
-Each checkpoint is built offline, saved as a hub checkpoint is and loaded back through the Auto
-classes (processors through `families.load_processor`, which copes without torchvision), except
-Phi-3.5-V: its remote code cannot be fetched here, so it runs on stand-ins (tiny_backbones.py).
-Expected strings are written out by hand from the official code's format.
+Each checkpoint is built offline, saved as a hub checkpoint is and loaded back by path with
+`model.load_mllm`, as a downloaded one is (processors through `families.load_processor`, which
+copes without torchvision), except Phi-3.5-V: its remote code cannot be fetched here, so it runs
+on stand-ins (tiny_phi3_v.py). Expected strings are written out by hand from the official
+code's format.
 """
 import functools
 import importlib.util
@@ -17,10 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoProcessor
 
 import families
+import model as M
 import tiny_backbones as tiny
+import tiny_phi3_v
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -34,6 +38,7 @@ def one_thread():
 
 # name -> (family, builder, decoder prefix, projector layers that only stage 2 adapts)
 LLAVA_PROJECTOR = ("model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2")
+QWEN_PROJECTOR = ("model.visual.merger.mlp.0", "model.visual.merger.mlp.2")
 SPECS = {
     "phi3_v": ("phi3_v", None, "model.layers.",
                ("model.vision_embed_tokens.img_projection.0",
@@ -45,11 +50,11 @@ SPECS = {
     "llava_onevision_siglip_head": (
         "llava_onevision", functools.partial(tiny.build_llava_onevision, vision_use_head=True),
         "model.language_model.", LLAVA_PROJECTOR),
-    "qwen2_vl": ("qwen2_vl", tiny.build_qwen2_vl, "model.language_model.",
-                 ("model.visual.merger.mlp.0", "model.visual.merger.mlp.2")),
-    "qwen2_5_vl": ("qwen2_5_vl", tiny.build_qwen2_5_vl, "model.language_model.",
-                   ("model.visual.merger.mlp.0", "model.visual.merger.mlp.2")),
-    "qwen3_vl": ("qwen3_vl", tiny.build_qwen3_vl, "model.language_model.",
+    "qwen2_vl": ("qwen2_vl", tiny.build_qwen_vl, "model.language_model.", QWEN_PROJECTOR),
+    "qwen2_5_vl": ("qwen2_5_vl", functools.partial(tiny.build_qwen_vl, family="qwen2_5_vl"),
+                   "model.language_model.", QWEN_PROJECTOR),
+    "qwen3_vl": ("qwen3_vl", functools.partial(tiny.build_qwen_vl, family="qwen3_vl"),
+                 "model.language_model.",
                  ("model.visual.merger.linear_fc1", "model.visual.merger.linear_fc2")),
     "idefics3": ("idefics3", tiny.build_idefics3, "model.text_model.",
                  ("model.connector.modality_projection.proj",)),
@@ -64,16 +69,21 @@ NEEDS_TORCHVISION = {"llava_onevision", "llava_onevision_siglip_head", "qwen2_vl
 TEXTS = ["a red cat", "a blue dog ran in the park today and sat on a mat"]
 
 
-def build(name, folder):
-    """(family, model, processor) loaded as a downloaded checkpoint would be."""
-    family, builder = SPECS[name][:2]
-    if builder is None:
-        return (family, *tiny.build_phi3_v())
+def build_checkpoint(name, folder):
+    """The tiny checkpoint `name` (a SPECS name, or "qwen3_vl_moe") saved under `folder`."""
     if name == "smolvlm" and importlib.util.find_spec("num2words") is None:
         pytest.skip("SmolVLM's processor needs the num2words package")
-    path = builder(str(folder / "model"))
-    model = AutoModelForImageTextToText.from_pretrained(path).eval()
-    return family, model, families.load_processor(path)
+    builder = functools.partial(tiny.build_qwen_vl, family=name) if name == "qwen3_vl_moe" \
+        else SPECS[name][1]
+    return builder(str(folder / "model"))
+
+
+def build(name, folder):
+    """(family, model, processor) loaded by path as a downloaded checkpoint would be."""
+    if name == "phi3_v":
+        return ("phi3_v", *tiny_phi3_v.build_phi3_v())
+    model, processor, family = M.load_mllm(build_checkpoint(name, folder))
+    return family, model.eval(), processor
 
 
 @pytest.fixture(scope="module", params=sorted(SPECS))
@@ -83,11 +93,14 @@ def loaded(request, tmp_path_factory):
 
 # ---------------------------------------------------------------- detection
 
-def test_family_comes_from_the_config(loaded):
-    name, family, model, _ = loaded
+def test_family_comes_from_the_config_and_the_processor_pads_left(loaded):
+    name, family, model, processor = loaded
     config = model.config if name != "phi3_v" else type("Cfg", (), {"model_type": "phi3_v"})()
-    assert families.family_of(config) == family
+    assert families.family_of(config) == family == SPECS[name][0]
     assert families.family_of(config, override="llava") == "llava"
+    if name != "phi3_v":
+        assert processor.tokenizer.padding_side == "left"  # saved right-padded
+        assert "torchvision" not in type(processor.image_processor).__module__
 
 
 def test_unknown_family_names_the_known_ones():
@@ -103,18 +116,16 @@ MISTRAL_IMAGE = "[INST] <image>\nSummary above image in one word: [/INST]"
 MISTRAL_TEXT = "[INST] a red cat\nSummary above sentence in one word: [/INST]"
 
 
-def test_in_one_word_prompts_are_deepglints_strings(tmp_path):
-    """deepglint/UniME self_evaluate/retrieval_self.py, written out by hand."""
-    _, phi = tiny.build_phi3_v()
-    for processor in (None, phi):
-        assert families.format_prompt("phi3_v", image=True, processor=processor) == PHI_IMAGE
-        assert families.format_prompt("phi3_v", text="a red cat", processor=processor) == PHI_TEXT
+def test_in_one_word_prompts_stay_deepglints_strings_with_the_processor(tmp_path):
+    """deepglint/UniME self_evaluate/retrieval_self.py, written out by hand (test_unime.py
+    checks them without a processor): neither processor's own template changes them."""
+    _, phi = tiny_phi3_v.build_phi3_v()
+    assert families.format_prompt("phi3_v", image=True, processor=phi) == PHI_IMAGE
+    assert families.format_prompt("phi3_v", text="a red cat", processor=phi) == PHI_TEXT
     mistral = AutoProcessor.from_pretrained(tiny.build_llava_next(str(tmp_path / "m")))
-    for processor in (None, mistral):
-        assert families.format_prompt("llava_next", image=True,
-                                      processor=processor) == MISTRAL_IMAGE
-        assert families.format_prompt("llava_next", text="a red cat",
-                                      processor=processor) == MISTRAL_TEXT
+    assert families.format_prompt("llava_next", image=True, processor=mistral) == MISTRAL_IMAGE
+    assert families.format_prompt("llava_next", text="a red cat", processor=mistral) == \
+        MISTRAL_TEXT
 
 
 # the processor's own chat template, written out for one image prompt and one text prompt
@@ -246,7 +257,8 @@ CHUNKS = {"text": dict(texts=TEXTS),
 def test_chunk_embeds_at_the_last_real_token(loaded, chunk):
     """`process` gives one left-padded batch; pooling its last real token equals the full model's
     final hidden state at the last position, and each row's embedding is the one it gets alone
-    (padding, position ids and image placement do not leak across rows)."""
+    (padding, position ids and image placement do not leak across rows); `model.encode` gives
+    those rows normalized, in input order."""
     name, family, model, processor = loaded
     batch = families.process(processor, family, **CHUNKS[chunk])
     mask = batch["attention_mask"]
@@ -261,11 +273,14 @@ def test_chunk_embeds_at_the_last_real_token(loaded, chunk):
             k: [v] for k, v in row.items()})).last_hidden_state[:, -1] for row in rows])
     torch.testing.assert_close(pooled, alone, atol=1e-4, rtol=1e-4)
     assert (F.normalize(pooled[0], dim=-1) - F.normalize(pooled[1], dim=-1)).abs().max() > 1e-4
+    # model.encode: the same rows batched by modality, back in input order, L2-normalized
+    torch.testing.assert_close(M.encode(model, processor, family, **CHUNKS[chunk]),
+                               F.normalize(alone, dim=-1), atol=1e-4, rtol=1e-4)
 
 
 def test_phi3_v_processor_takes_one_prompt_per_call():
     """The stand-in keeps the real contract, which a batched call breaks."""
-    _, processor = tiny.build_phi3_v()
+    _, processor = tiny_phi3_v.build_phi3_v()
     with pytest.raises(TypeError):
         processor([PHI_IMAGE, PHI_IMAGE], images=tiny.images())
     out = processor(PHI_IMAGE, images=tiny.images()[:1])
@@ -304,7 +319,7 @@ def test_truncation_keeps_the_prompt_end_start_and_image_tokens(loaded, kind):
 
 
 def test_truncation_refuses_a_budget_that_leaves_no_text():
-    _, processor = tiny.build_phi3_v()
+    _, processor = tiny_phi3_v.build_phi3_v()
     with pytest.raises(ValueError, match="no room"):
         families.process(processor, "phi3_v", texts=[LONG], max_length=5)
 
@@ -342,18 +357,22 @@ def test_lora_targets_decoder_in_stage1_and_every_used_layer_in_stage2(loaded):
     assert stage2 == used - {"lm_head"} and set(projector) <= stage2
 
 
-def test_stage2_adapters_run_and_all_get_gradients(loaded, tmp_path):
-    """Wrap every stage-2 target, embed a mixed chunk, backpropagate: nothing breaks (SigLIP's
+def test_stage2_lora_starts_at_the_base_model_and_every_adapter_learns(loaded, tmp_path):
+    """model.inject_lora on every stage-2 target: only the adapters are trainable, B = 0 keeps
+    the embeddings exactly; with B random a mixed chunk backpropagates without breaking (SigLIP's
     pooling head in LLaVA-OneVision did) and every adapter gets a gradient (DDP needs that)."""
-    from model import LoRALinear
     family, model, processor = build(loaded[0], tmp_path)  # a fresh copy: wrapping mutates it
-    for target in families.lora_targets(model, family, include_vision=True):
-        parent, _, child = target.rpartition(".")
-        layer = LoRALinear(model.get_submodule(parent).get_submodule(child), r=2, alpha=4)
-        nn.init.normal_(layer.lora_B)
-        setattr(model.get_submodule(parent), child, layer)
-    batch = families.process(processor, family, texts=[TEXTS[0], None],
-                             images=[None, tiny.images()[0]])
+    inputs = dict(texts=[TEXTS[0], None], images=[None, tiny.images()[0]])
+    before = M.encode(model, processor, family, **inputs)
+    targets = M.inject_lora(model, families.lora_targets(model, family, include_vision=True),
+                            r=2, alpha=4, dropout=0.0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{ab}" for n in targets for ab in "AB"}
+    torch.testing.assert_close(M.encode(model, processor, family, **inputs), before)
+    for layer in model.modules():
+        if isinstance(layer, M.LoRALinear):
+            nn.init.normal_(layer.lora_B)
+    batch = families.process(processor, family, **inputs)
     model.model(**batch).last_hidden_state[:, -1].sum().backward()
     missing = [n for n, p in model.named_parameters() if "lora_" in n and p.grad is None]
     assert not missing, missing[:5]
@@ -367,7 +386,7 @@ def test_video_processors_need_torchvision_and_load_without_it(loaded, tmp_path)
         pytest.skip("this family's processor loads through AutoProcessor here")
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed")
-    path = SPECS[name][1](str(tmp_path / "m"))
+    path = build_checkpoint(name, tmp_path)
     with pytest.raises(ImportError, match="[Tt]orchvision"):
         AutoProcessor.from_pretrained(path)
     with open(f"{path}/processor_config.json") as f:

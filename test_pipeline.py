@@ -20,6 +20,7 @@ from PIL import Image
 import data
 import distill
 import eval as ev
+import families
 import figures
 import model as M
 import shapes
@@ -80,11 +81,11 @@ def test_mmeb_train_reader_text_only_sides_and_missing_images(tmp_path):
     assert skipped == 1 and len(got) == 1
     assert got[0]["qry_image"] == os.path.join(str(tmp_path), "a.jpg")
     assert got[0]["pos_image"] is None  # empty path: a text-only side
-    # Phi-3's hard-coded token becomes the family's own
-    assert M.format_prompt("llava", image=True, instruction=got[0]["qry"]) == \
-        "USER: <image>\nRepresent the given image for classification. ASSISTANT:"
-    assert M.format_prompt("llava_next", instruction=rows[1]["qry"]) == \
-        "[INST] Find a picture of a dog. [/INST]"
+    # MMEB's raw format: Phi-3's hard-coded token becomes the family's own, no chat template
+    assert families.format_prompt("llava", image=True, instruction=got[0]["qry"]) == \
+        "<image>\nRepresent the given image for classification."
+    assert families.format_prompt("llava_next", instruction=rows[1]["qry"]) == \
+        "Find a picture of a dog."
 
 
 def mmeb_row(q="<|image_1|>\nRepresent the image", qi="a.png", tt=("cat", "dog"), ti=("", "")):

@@ -18,6 +18,7 @@ from PIL import Image
 
 import distill
 import eval as ev
+import families
 import hardneg
 import model as M
 import shapes
@@ -64,224 +65,52 @@ def test_embedding_equals_full_model_last_layer_at_pooled_position(tiny):
     assert torch.allclose(e.norm(dim=-1), torch.ones(2))
 
 
-def test_prompts_are_the_official_strings():
-    assert M.format_prompt("phi3_v", image=True) == \
+def test_in_one_word_prompts_are_the_official_strings():
+    """deepglint/UniME's evaluation (self_evaluate/retrieval_self.py) for the paper's two
+    backbones, written out by hand. Stage 1 and the zero-shot benchmarks use these."""
+    assert families.format_prompt("phi3_v", image=True) == \
         "<|user|>\n<|image_1|>\nSummary above image in one word:<|end|>\n<|assistant|>\n"
-    assert M.format_prompt("phi3_v", text="A cat.") == \
+    assert families.format_prompt("phi3_v", text="A cat.") == \
         "<|user|>\nA cat.\nSummary above sentence in one word:<|end|>\n<|assistant|>\n"
-    assert M.format_prompt("llava_next", image=True) == \
+    assert families.format_prompt("llava_next", image=True) == \
         "[INST] <image>\nSummary above image in one word: [/INST]"
-    assert M.format_prompt("llava_next", text="A cat.") == \
+    assert families.format_prompt("llava_next", text="A cat.") == \
         "[INST] A cat.\nSummary above sentence in one word: [/INST]"
-    # MMEB's hard-coded Phi-3 token becomes the family's own
-    assert M.format_prompt("llava", image=True, instruction="<|image_1|> Represent it.") == \
-        "USER: <image> Represent it. ASSISTANT:"
+
+
+# MMEB-train/eval rows as published (Phi-3's `<|image_1|>` tag), and what the official pipeline
+# feeds each paper backbone for them (VLM2Vec v1 src/dataset.py and UniME-V2's process
+# functions): the raw text, no chat template, the tag replaced by LLaVA-NeXT's `<image>`.
+MMEB_ROWS = [
+    ("<|image_1|> Represent the given image with the following question: What is on the desk?",
+     True),
+    ("<|image_1|>\nRepresent the given image for classification.", True),
+    ("Find me an everyday image that matches the given caption: A dog runs on a beach.", False),
+    ("Represent the given sentence: Two people on a bench.", False),
+]
+OFFICIAL_MMEB = {
+    "phi3_v": [row for row, _ in MMEB_ROWS],
+    "llava_next": [
+        "<image> Represent the given image with the following question: What is on the desk?",
+        "<image>\nRepresent the given image for classification.",
+        "Find me an everyday image that matches the given caption: A dog runs on a beach.",
+        "Represent the given sentence: Two people on a bench."],
+}
+
+
+@pytest.mark.parametrize("family", sorted(OFFICIAL_MMEB))
+def test_mmeb_prompts_are_the_official_pipelines_strings(family):
+    """Stage 2 and MMEB evaluation use MMEB's own text, not the chat template (LLaVA-OneVision,
+    the paper's third backbone, goes through its chat template: test_families.py)."""
+    for (row, image), want in zip(MMEB_ROWS, OFFICIAL_MMEB[family]):
+        assert families.format_prompt(family, image=image, instruction=row) == want
 
 
 def test_empty_text_and_unknown_family_are_clear_errors():
     with pytest.raises(ValueError, match="empty text"):
-        M.format_prompt("llava", text="   ")
+        families.format_prompt("llava", text="   ")
     with pytest.raises(ValueError, match="unknown backbone family 'gpt2'"):
-        M.format_prompt("gpt2", text="a cat")
-
-
-# ---------------------------------------------------------------- other backbone families
-# LLaVA-1.6 (LLaVA-NeXT, Mistral decoder) and Idefics3, built tiny from config offline with the
-# torchvision-free `...ImageProcessorPil` classes and loaded through `model.load_mllm`.
-
-CORPUS = [
-    "[INST] <image>\nSummary above image in one word: [/INST]",
-    "<|im_start|>User:<image>\nSummary above image in one word:<end_of_utterance>\nAssistant:",
-    "a red cat sat on a mat\nSummary above sentence in one word:",
-    "a blue dog ran in the park today",
-]
-
-
-TEXTS = ["a red cat", "a blue dog ran in the park today and sat on a mat"]
-
-
-W = 32  # hidden width of both towers
-
-
-def _images():
-    # different sizes / aspect ratios: LLaVA-NeXT picks different grids, Idefics3 different
-    # tile counts, so the image prompts have different lengths and get left-padded
-    return [Image.new("RGB", (20, 12), (255, 0, 0)), Image.new("RGB", (12, 30), (0, 0, 255))]
-
-
-def _tokenizer(extra_specials):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"] + extra_specials
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    # saved right-padded on purpose: load_mllm must switch it to left padding
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>", padding_side="right")
-
-
-def _text_kwargs(tok):
-    return dict(vocab_size=len(tok), hidden_size=W, intermediate_size=2 * W, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id)
-
-
-def build_llava_next(path):
-    from transformers import (CLIPVisionConfig, LlavaNextConfig,
-                              LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
-                              LlavaNextProcessor, MistralConfig)
-    tok = _tokenizer([])
-    img, patch = 16, 8
-    pinpoints = [[img, 2 * img], [2 * img, img], [2 * img, 2 * img]]
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(hidden_size=W, intermediate_size=2 * W,
-                                       num_hidden_layers=1, num_attention_heads=2,
-                                       image_size=img, patch_size=patch, projection_dim=W),
-        text_config=MistralConfig(sliding_window=None, **_text_kwargs(tok)),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-1, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(config)
-    processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(
-            size={"shortest_edge": img}, crop_size={"height": img, "width": img},
-            image_grid_pinpoints=pinpoints),
-        tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-def build_idefics3(path):
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration,
-                              Idefics3ImageProcessorPil, Idefics3Processor, Idefics3VisionConfig,
-                              LlamaConfig)
-    tok = _tokenizer(["<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
-                      "<|im_start|>"]
-                     + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
-    img, patch, scale = 16, 4, 2
-    config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(hidden_size=W, intermediate_size=2 * W,
-                                           num_hidden_layers=1, num_attention_heads=2,
-                                           image_size=img, patch_size=patch),
-        text_config=LlamaConfig(**_text_kwargs(tok)),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale,
-        pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = Idefics3ForConditionalGeneration(config)
-    processor = Idefics3Processor(
-        image_processor=Idefics3ImageProcessorPil(size={"longest_edge": 2 * img},
-                                                  max_image_size={"longest_edge": img}),
-        tokenizer=tok, image_seq_len=(img // patch) ** 2 // scale ** 2)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-# family -> (builder, class name, decoder sub-module, vision-side sub-modules)
-
-
-SPECS = {
-    "llava_next": (build_llava_next, "LlavaNextForConditionalGeneration", "language_model",
-                   ("vision_tower", "multi_modal_projector")),
-    "idefics3": (build_idefics3, "Idefics3ForConditionalGeneration", "text_model",
-                 ("vision_model", "connector")),
-}
-
-
-@pytest.fixture(scope="module", params=sorted(SPECS))
-def loaded(request, tmp_path_factory):
-    family = request.param
-    path = SPECS[family][0](str(tmp_path_factory.mktemp(family) / "model"))
-    model, processor, detected = M.load_mllm(path)  # no family given: from config.model_type
-    model.eval()
-    return family, model, processor, detected
-
-
-def _full_model_last(model, batch):
-    """Reference: the full model's final hidden state at the last position, L2-normalized.
-    Only valid under left padding (the last position is then real for every row)."""
-    with torch.no_grad():
-        out = model(**batch, output_hidden_states=True, use_cache=False)
-    return F.normalize(out.hidden_states[-1][:, -1].float(), dim=-1)
-
-
-def test_load_detects_family_and_pads_left(loaded):
-    family, model, processor, detected = loaded
-    assert detected == family
-    assert type(model).__name__ == SPECS[family][1]
-    assert processor.tokenizer.padding_side == "left"
-    assert "torchvision" not in type(processor.image_processor).__module__
-
-
-def test_llava_next_prompt_is_the_official_one():
-    assert M.format_prompt("llava_next", image=True) == \
-        "[INST] <image>\nSummary above image in one word: [/INST]"
-    assert M.format_prompt("llava_next", text="a cat") == \
-        "[INST] a cat\nSummary above sentence in one word: [/INST]"
-
-
-@pytest.mark.parametrize("modality", ["text", "image"])
-def test_encode_is_normalized_last_hidden_state_under_left_padding(loaded, modality):
-    family, model, processor, _ = loaded
-    kwargs = dict(texts=TEXTS) if modality == "text" else dict(images=_images())
-    emb = M.encode(model, processor, family, **kwargs)
-    assert emb.shape == (2, W) and emb.dtype == torch.float32
-    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
-
-    batch = M.process(processor, family, **kwargs)
-    mask = batch["attention_mask"]
-    # the test is only meaningful when one row really is padded, and padded on the left
-    assert (mask[:, 0] == 0).any() and (mask[:, -1] == 1).all()
-    if modality == "image":
-        image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-        assert (batch["input_ids"] == image_id).sum() > 0
-        assert "pixel_values" in batch
-    torch.testing.assert_close(emb, _full_model_last(model, batch), atol=1e-5, rtol=1e-5)
-    # the two rows differ (the image really reaches the decoder / texts differ)
-    assert (emb[0] - emb[1]).abs().max() > 1e-4
-
-
-def test_encode_mixed_modalities_keeps_order(loaded):
-    family, model, processor, _ = loaded
-    img = _images()[1]
-    emb = M.encode(model, processor, family, texts=[TEXTS[0], None], images=[None, img])
-    # each modality chunk holds one row (no padding): compare against the full model per row
-    ref_text = _full_model_last(model, M.process(processor, family, texts=[TEXTS[0]]))
-    ref_image = _full_model_last(model, M.process(processor, family, images=[img]))
-    torch.testing.assert_close(emb, torch.cat([ref_text, ref_image]), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("include_vision", [False, True])
-def test_inject_lora_targets(loaded, tmp_path_factory, include_vision):
-    family, _, _, _ = loaded
-    builder, _, decoder, vision_parts = SPECS[family]
-    # a fresh copy: inject_lora mutates the model in place
-    model, processor, _ = M.load_mllm(builder(str(tmp_path_factory.mktemp(family) / "m")))
-    model.eval()
-    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    decoder_linears = {n for n in linears if f".{decoder}." in f".{n}"}
-    vision_linears = {n for n in linears if set(n.split(".")) & set(vision_parts)}
-    assert decoder_linears and vision_linears and "lm_head" in linears
-    assert linears == decoder_linears | vision_linears | {"lm_head"}
-    before = M.encode(model, processor, family, images=_images())
-
-    targets = M.inject_lora(model, r=2, alpha=4, dropout=0.0, include_vision=include_vision)
-    expected = decoder_linears | (vision_linears if include_vision else set())
-    assert set(targets) == expected
-    wrapped = {n for n, m in model.named_modules() if isinstance(m, M.LoRALinear)}
-    assert wrapped == expected
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{n}.lora_{ab}" for n in expected for ab in "AB"}
-    # B starts at zero: the wrapped model embeds exactly like the base model
-    after = M.encode(model, processor, family, images=_images())
-    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+        families.format_prompt("gpt2", text="a cat")
 
 
 # ---------------------------------------------------------------- §3.2 Eq. 2 distillation
@@ -358,7 +187,7 @@ def test_lora_zero_init_then_merge_gives_same_outputs():
     net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
     x = torch.randn(3, 6)
     ref = net(x)
-    M.inject_lora(net, r=2, alpha=4, dropout=0.0, suffixes=("0", "2"))
+    M.inject_lora(net, ["0", "2"], r=2, alpha=4, dropout=0.0)
     assert isinstance(net[0], M.LoRALinear)
     assert torch.allclose(net(x), ref)  # B = 0: the adapter starts as the identity
     with torch.no_grad():
@@ -380,7 +209,7 @@ def test_lora_zero_init_then_merge_gives_same_outputs():
 def test_stage1_lora_trains_only_adapters_on_the_llm(tiny_path):
     model, processor, family = M.load_mllm(tiny_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    wrapped = M.inject_lora(model, r=4, alpha=8, dropout=0.0)
+    wrapped = M.inject_lora(model, families.lora_targets(model, family), r=4, alpha=8, dropout=0.0)
     assert wrapped and all("language_model" in n for n in wrapped)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
@@ -406,7 +235,7 @@ def test_stage1_lora_trains_only_adapters_on_the_llm(tiny_path):
     state = M.lora_state_dict(model)
     assert set(state) == set(trainable)
     fresh = M.load_mllm(tiny_path)[0]
-    M.inject_lora(fresh, r=4, alpha=8, dropout=0.0)
+    M.inject_lora(fresh, wrapped, r=4, alpha=8, dropout=0.0)
     M.load_lora(fresh, state)
     with torch.no_grad():
         assert torch.allclose(M.embed(fresh, batch), M.embed(model, batch), atol=1e-6)
@@ -417,7 +246,8 @@ def test_stage1_lora_trains_only_adapters_on_the_llm(tiny_path):
 def adapted_tiny(tiny_path, dropout, include_vision=False):
     """The tiny MLLM with a LoRA whose B is random, so the adapter changes the outputs."""
     model, processor, family = M.load_mllm(tiny_path)
-    M.inject_lora(model, r=4, alpha=8, dropout=dropout, include_vision=include_vision)
+    M.inject_lora(model, families.lora_targets(model, family, include_vision), r=4, alpha=8,
+                  dropout=dropout)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, M.LoRALinear):

@@ -17,6 +17,7 @@ import tempfile
 import torch
 
 import eval as ev
+import families
 import model as M
 import shapes
 import toy
@@ -81,7 +82,7 @@ def build_tiny_mllm(path, corpus, seed=0, **overrides):
 def corpus():
     """Every word and phrase the toy model will read: its tokenizer is trained on this."""
     rng = random.Random(0)
-    lines = [TEMPLATE, M.TEXT_INSTRUCTION, M.IMAGE_INSTRUCTION, CAPTION_PROMPT]
+    lines = [TEMPLATE, families.TEXT_INSTRUCTION, families.IMAGE_INSTRUCTION, CAPTION_PROMPT]
     lines += list(toy.STAGE2_INSTRUCTIONS.values()) + [
         f"What colour is the {s}? What shape is the {c} one?"
         for s in shapes.SHAPES for c in shapes.COLORS]

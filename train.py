@@ -22,6 +22,7 @@ import checkpoint
 import config
 import data
 import distill
+import families
 import hardneg
 import model as M
 import toy
@@ -61,15 +62,22 @@ def pair_input(stage, row, side):
 class StepBatches(torch.utils.data.Dataset):
     """Item `step` = this rank's share of that step's global batch, ready for the model: per
     side, chunks of one modality, tokenized with their images decoded and resized (padding per
-    chunk). DataLoader workers prepare the next steps while the current one trains; the inputs
-    stay on the CPU until their chunk's forward."""
+    chunk). Stage-2 rows are MMEB's: its raw format, cut to the family's official max_len
+    (families.py). DataLoader workers prepare the next steps while the current one trains; the
+    inputs stay on the CPU until their chunk's forward."""
 
     def __init__(self, args, source, processor, family, rank, world):
         self.args, self.source, self.processor, self.family = args, source, processor, family
         self.rank, self.world = rank, world
+        self.max_length = families.FAMILIES[family].get("max_len") if args.stage == 2 else None
 
     def __len__(self):
         return self.args.max_steps
+
+    def image(self, path):
+        # §4.1: 336 x 336 in stage 2 (--image-size); Phi-3.5-V's processor crops instead
+        image = data.load_image(path)
+        return families.prepare_image(self.family, image, self.args.image_size)
 
     def __getitem__(self, step):
         a = self.args
@@ -82,8 +90,8 @@ class StepBatches(torch.utils.data.Dataset):
             inputs = [pair_input(a.stage, r, side) for r in rows]
             sides[side] = [(idx, M.process(
                 self.processor, self.family, [inputs[i][0] for i in idx],
-                [data.load_image(inputs[i][1], a.image_size) if inputs[i][1] else None
-                 for i in idx], instructions=[inputs[i][2] for i in idx]))
+                [self.image(inputs[i][1]) if inputs[i][1] else None for i in idx],
+                [inputs[i][2] for i in idx], self.max_length))
                 for idx in M.modality_chunks([x[1] is not None for x in inputs], a.chunk_size)]
         return {"ids": torch.tensor(ids), "sides": sides}
 
@@ -96,7 +104,7 @@ def gradcache_step(model, sides, loss_fn, device, amp):
     in .grad exactly the parameter gradients of one full-batch step."""
     def forward(chunk):
         with M.autocast(device, amp):
-            return M.embed(model, chunk.to(device, non_blocking=True))
+            return M.embed(model, {k: v.to(device, non_blocking=True) for k, v in chunk.items()})
 
     def rng_state():
         return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
@@ -218,16 +226,17 @@ def collapse_guard(history, k, window=50):
 
 # ---------------------------------------------------------------- the loop
 
-def add_trainable(model, args):
+def add_trainable(model, family, args):
     """Stage 1: a LoRA on the LLM only, vision tower and projector frozen (§3.2). Stage 2: a
-    new LoRA on the whole stage-1-merged MLLM, vision side included (§3.3); --lora-r 0
-    fine-tunes every weight instead. Returns the LoRA shape (None for full fine-tuning)."""
+    new LoRA on the whole stage-1-merged MLLM, vision side included (§3.3); the layers per
+    family are families.lora_targets. --lora-r 0 fine-tunes every weight instead. Returns the
+    LoRA shape and its layers (None for full fine-tuning)."""
     if args.lora_r == 0:
         for p in model.parameters():
             p.requires_grad_(True)
         return None
     lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                include_vision=args.stage == 2)
+                targets=families.lora_targets(model, family, include_vision=args.stage == 2))
     M.inject_lora(model, **lora)
     return lora
 
@@ -273,7 +282,7 @@ def train(args, source):
         weights, amp = M.precision(device, args.dtype)
         model, processor, family = M.load_embedder(args.model, device, weights,
                                                    args.trust_remote_code, args.family)
-        lora = add_trainable(model, args)
+        lora = add_trainable(model, family, args)
         params = [p for p in model.parameters() if p.requires_grad]
         print(f"trainable: {sum(p.numel() for p in params):,} of {M.count_parameters(model):,}")
         report = source["report"]
