@@ -8,7 +8,9 @@ one stage-2 step on data files in the paper's formats, then the stage-2 output s
 Phi-3.5-V's remote code cannot be loaded by path offline: its stand-ins (tiny_phi3_v.py) are
 put in place of what `model.load_mllm` returns; everything after the load is the same path.
 """
+import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -21,19 +23,10 @@ import eval as ev
 import model as M
 import tiny_phi3_v
 import train
-from test_families import SPECS, build_checkpoint
+from test_families import SPECS, build, build_checkpoint
+from test_families import one_thread  # noqa: F401  (autouse: one torch thread here too)
 
 PHI_STAND_IN = "phi3_v-stand-in"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors of width 32 gain nothing from threads, and threads that wait on a busy machine
-    made each forward 100 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +113,37 @@ def test_stage1_stage2_and_mmeb_eval_by_path(name, paper_data, tmp_path, monkeyp
         (record,) = steps(tmp_path / stage)
         assert math.isfinite(record["loss"]) and record["grad_norm"] > 0
     scores = result["models"][str(tmp_path / "stage2")]["datasets"]
-    assert set(scores) == {"ImageNet-1K", "MSCOCO_t2i"}
-    assert all(0 <= s <= 100 for s in scores.values())
+    assert scores == pytest.approx(mmeb_by_hand(tmp_path / "stage2", paper_data, family))
+
+
+# VLM2Vec's MMEB evaluation sizes (`image_resolution` "high"), written out; others unresized
+EVAL_SIDE = {"llava_next": 1344, "llava_onevision": 1344, "qwen2_vl": 1344, "qwen2_5_vl": 1344}
+
+
+def mmeb_by_hand(path, root, family):
+    """The MMEB scores from the model's own embeddings, one input at a time: each row's query
+    against its own candidates, a hit when the first (gold) one scores highest."""
+    model, processor, _ = M.load_embedder(path)
+    side = EVAL_SIDE.get(family)
+
+    @functools.cache  # candidates repeat across rows
+    def embed(text, image):
+        if image:
+            image = Image.open(root / image).convert("RGB")
+            image = image.resize((side, side)) if side else image
+        return M.encode(model.eval(), processor, family, images=[image or None],
+                        instructions=[text])[0]
+    scores = {}
+    for subset in ("ImageNet-1K", "MSCOCO_t2i"):
+        hits = []
+        for line in (root / f"{subset}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            query = embed(row["qry_text"], row["qry_img_path"])
+            scores_ = [float(embed(t, i) @ query) for t, i in zip(row["tgt_text"],
+                                                                 row["tgt_img_path"])]
+            hits.append(max(range(len(scores_)), key=scores_.__getitem__) == 0)
+        scores[subset] = 100 * sum(hits) / len(hits)
+    return scores
 
 
 def test_a_model_type_without_a_family_runs_with_family(paper_data, tmp_path):
@@ -132,7 +154,32 @@ def test_a_model_type_without_a_family_runs_with_family(paper_data, tmp_path):
         M.load_mllm(path)
     (meta1, meta2), result = run_pipeline(path, paper_data, tmp_path, ("--family", "qwen3_vl"))
     assert meta1["family"] == meta2["family"] == "qwen3_vl"
-    assert len(result["models"][str(tmp_path / "stage2")]["datasets"]) == 2
+    scores = result["models"][str(tmp_path / "stage2")]["datasets"]
+    assert scores == pytest.approx(mmeb_by_hand(tmp_path / "stage2", paper_data, "qwen3_vl"))
+
+
+@pytest.mark.parametrize("name", ["phi3_v", "llava_next"])
+def test_stage2_rows_get_the_familys_max_len_and_336_px_images(name, paper_data, tmp_path):
+    """train.py's stage-2 batches: MMEB rows cut to the official max_len (Phi-3.5-V: 256) with
+    the prompt's end kept; images squashed to 336 x 336 (§4.1), except Phi-3.5-V's, which its
+    processor tiles as they are (the stand-in reports the tiled size: 16 x 32 for 32 x 20)."""
+    family, model, processor = build(name, tmp_path)
+    long_row = "<|image_1|>\nRepresent the given image with the following question: " + \
+        " ".join(f"word{i}" for i in range(300)) + " What is it?"
+    rows = [{"qry": long_row, "qry_image": str(paper_data / "blue.png"), "pos": "blue",
+             "pos_image": None}] * 2
+    args = argparse.Namespace(stage=2, batch_size=2, seed=0, chunk_size=2, image_size=336,
+                              hard_negatives=False, max_steps=1)
+    source = {"n_rows": 2, "rows": lambda ids: [rows[i] for i in ids]}
+    (_, chunk), = train.StepBatches(args, source, processor, family, 0, 1)[0]["sides"]["qry"]
+    n_tokens = chunk["attention_mask"].sum(1)
+    if name == "phi3_v":
+        assert (n_tokens <= 256).all() and (n_tokens > 200).all()
+        assert chunk["image_sizes"].tolist() == [[16, 32]] * 2
+    else:  # no official cut below 4096: the whole row
+        assert (n_tokens > 300).all() and chunk["image_sizes"].tolist() == [[336, 336]] * 2
+    ends = processor.tokenizer(" What is it?", add_special_tokens=False)["input_ids"]
+    assert chunk["input_ids"][0, -len(ends):].tolist() == ends
 
 
 def test_mmeb_eval_takes_the_familys_image_size_unless_told(paper_data, tmp_path):
