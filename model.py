@@ -93,7 +93,8 @@ def embed(model, batch):
 
 def modality_chunks(has_image, chunk_size):
     """Row indices grouped into chunks of one modality (text-only rows, then rows with an
-    image), at most chunk_size each: one processor call per chunk, padding per chunk."""
+    image), at most chunk_size each: one processor call per chunk, padding per chunk, so short
+    text rows are not padded to the length of image prompts (mixed chunks work too)."""
     chunks = []
     for with_image in (False, True):
         rows = [i for i, h in enumerate(has_image) if bool(h) == with_image]
