@@ -511,6 +511,23 @@ def test_toy_benchmark_of_a_constant_embedder_is_the_hand_derived_chance_row():
         assert got[key] == pytest.approx(100 / 200)
 
 
+def test_toy_prompts_are_the_ones_its_pretraining_taught(pretrained_path):
+    """assets/toy-mllm learned its one-word answers after LLaVA-1.5's "USER: ... ASSISTANT:"
+    turn (toy_pretrain.TEMPLATE); its processor has no chat template, so families.py must give
+    exactly that turn, and the toy's stage-2 retrieval rows must carry it whole."""
+    processor = families.load_processor(pretrained_path)
+    assert families.format_prompt("llava", image=True, processor=processor) == \
+        "USER: <image>\nSummary above image in one word: ASSISTANT:"
+    assert families.format_prompt("llava", text="a red circle", processor=processor) == \
+        "USER: a red circle\nSummary above sentence in one word: ASSISTANT:"
+    scene = shapes.split_scenes(0)["train"][0]
+    row = toy.stage2_row(scene, "t2i", __import__("random").Random(0))
+    assert row["pos"] == "USER: <image>\nSummary above image in one word: ASSISTANT:"
+    assert row["qry"].startswith("USER: ") and row["qry"].endswith(
+        "\nSummary above sentence in one word: ASSISTANT:")
+    assert families.format_prompt("llava", instruction=row["qry"]) == row["qry"]  # raw MMEB
+
+
 def test_shipped_pretrained_toy_is_zero_shot_aligned(pretrained_path):
     """What stage 2 needs from its start (a real MLLM has it): on held-out scenes the
     "in one word" prompts already retrieve across modalities far above chance (0.5%)."""
@@ -561,10 +578,12 @@ def test_toy_stage2_from_the_pretrained_toy_raises_heldout_scores(tmp_path):
     assert {"false_negative_share", "valid_negatives", "pos_sim", "hardneg_sim"} <= set(log[0])
 
 
-def _toy_mmeb(folder, n=240):
-    """Toy pairs written as an MMEB-train file with PNG images: the real stage-2 reader path."""
+def _toy_mmeb(folder, n=240, tasks=toy.TASKS):
+    """Toy pairs written as an MMEB-train file with PNG images: the real stage-2 reader path.
+    `tasks`: only the rows of these toy tasks (row id % 6 names its task)."""
     scenes = shapes.split_scenes(0)["train"]
-    rows = toy.stage2_rows(scenes, range(n), seed=0, train_scenes=set(scenes))
+    ids = [i for i in range(n) if toy.TASKS[i % len(toy.TASKS)] in tasks]
+    rows = toy.stage2_rows(scenes, ids, seed=0, train_scenes=set(scenes))
     out = []
     for i, r in enumerate(rows):
         for side in ("qry", "pos"):
@@ -607,9 +626,13 @@ def test_torchrun_two_processes_match_one_process_on_the_global_batch(pretrained
 
 @pytest.mark.slow
 def test_stage2_from_an_unaligned_model_collapses_and_is_stopped(tiny_path, tmp_path):
-    """From random weights the paper's loss makes every embedding the same vector."""
+    """From random weights the paper's loss makes every embedding the same vector. Here every
+    input ends in the same chat-template tokens (the toy's retrieval rows: the "in one word"
+    prompts), so a random model's last-token states start nearly alike; the rows in MMEB's raw
+    format, which end in their own words, kept this run from collapsing (loss below ln 9)."""
     with pytest.raises(SystemExit, match="collapse"):
-        train.main(["--stage", "2", "--model", tiny_path, "--data", _toy_mmeb(tmp_path),
+        train.main(["--stage", "2", "--model", tiny_path, "--data",
+                    _toy_mmeb(tmp_path, 320, tasks=("t2i", "i2t")),
                     "--image-root", str(tmp_path), "--out", str(tmp_path / "s2"),
                     "--max-steps", "200", "--batch-size", "64", "--lora-r", "0",
                     "--lr", "2e-3"])
