@@ -12,32 +12,37 @@ import json
 import math
 import os
 import tempfile
+import time
 import uuid
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import families
 
 # ---------------------------------------------------------------- loading any MLLM
 
 def load_mllm(name_or_path, dtype=torch.float32, device="cpu", trust_remote_code=False,
-              family=None):
+              family=None, load_in_4bit=False):
     """(model, processor, family) from a Hugging Face id or a local folder; the family comes
-    from the config's model_type unless `family` names one (families.FAMILIES)."""
+    from the config's model_type unless `family` names one (families.FAMILIES). load_in_4bit:
+    the linear layers' weights in 4-bit NF4 (QLoRA, bitsandbytes on CUDA), computed in `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}\n"
-                         f"Offline, pass a local folder (save_pretrained) or set HF_HOME to a "
-                         f"cache that holds it; remote-code models need --trust-remote-code.")
+        raise SystemExit(missing_model(name_or_path, e))
     try:
         family = families.family_of(config, family)
     except ValueError as e:
         raise SystemExit(f"{name_or_path}: {e}") from None
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if load_in_4bit:  # placed on `device` while loading: a 4-bit model cannot be moved after
+        from transformers import BitsAndBytesConfig
+        kwargs.update(device_map={"": device}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
     try:
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     except ValueError:  # remote-code families (Phi-3.5-V) register only as causal LMs
@@ -46,7 +51,14 @@ def load_mllm(name_or_path, dtype=torch.float32, device="cpu", trust_remote_code
     crops = {"num_crops": 4} if family == "phi3_v" else {}
     processor = families.load_processor(name_or_path, trust_remote_code=trust_remote_code,
                                         **crops)
-    return model.to(device), processor, family
+    return (model if load_in_4bit else model.to(device)), processor, family
+
+
+def missing_model(name, error, what="model"):
+    """One line for a model that does not load: which, why, and what to do offline."""
+    return (f"cannot load {what} {name!r}: {str(error).strip().splitlines()[0]} Offline, pass "
+            f"a local folder (save_pretrained) or set HF_HOME to a cache that holds it; "
+            f"remote-code models also need --trust-remote-code.")
 
 
 def precision(device, dtype="auto"):
@@ -152,6 +164,9 @@ class LoRALinear(nn.Module):
 
     def merged(self):
         """The plain nn.Linear with the adapter folded into its weight."""
+        if not self.base.weight.is_floating_point():
+            raise ValueError("an adapter cannot be folded into 4-bit weights: keep it apart "
+                             "(a stage output does) and merge into the base loaded in bf16")
         with torch.no_grad():
             delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
             self.base.weight += delta.to(self.base.weight.dtype)
@@ -265,6 +280,12 @@ def read_stage_meta(path):
         return json.load(f)
 
 
+def stage_init(path, meta):
+    """The model a stage output started from, as its `unime.json` names it."""
+    return os.path.normpath(os.path.join(str(path), meta["init"])) if meta["init_is_local"] \
+        else meta["init"]
+
+
 def save_stage_output(out, model, processor, init, stage, family, lora):
     """What a later stage or eval.py loads: the adapter (or, with lora=None, the whole model),
     then `unime.json`: what it started from, that model's identity, the LoRA shape and the
@@ -281,22 +302,25 @@ def save_stage_output(out, model, processor, init, stage, family, lora):
 
 
 def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_code=False,
-                  family=None):
+                  family=None, merge=True, load_in_4bit=False):
     """(model, processor, family) for an HF id, a model folder, or a stage output of train.py.
     A LoRA stage output is loaded by loading what it started from (recursively), checking that
     it is still the model the adapter was trained on, then merging the adapter. Remote code
-    runs only when the caller passes trust_remote_code, never because a file says so."""
+    runs only when the caller passes trust_remote_code, never because a file says so.
+    merge=False leaves the last stage's adapter as LoRALinear layers (export.py); load_in_4bit
+    (a plain model only) quantizes its linear weights, see load_mllm."""
     path = str(path_or_id)
     meta = read_stage_meta(path)
     if meta is None:
         if os.path.isfile(os.path.join(path, "checkpoint.pt")):
             raise SystemExit(f"{path} is an unfinished training run (a checkpoint but no "
                              f"unime.json): finish it with train.py --resume --out {path}")
-        return load_mllm(path, dtype, device, trust_remote_code, family)
+        return load_mllm(path, dtype, device, trust_remote_code, family, load_in_4bit)
+    if load_in_4bit:
+        raise ValueError(f"{path} is a stage output: only a plain model loads in 4 bits")
     if not meta["lora"]:  # a full fine-tune: the folder is the model
         return load_mllm(path, dtype, device, trust_remote_code, family or meta["family"])
-    init = os.path.normpath(os.path.join(path, meta["init"])) if meta["init_is_local"] \
-        else meta["init"]
+    init = stage_init(path, meta)
     if model_identity(init) != meta["init_identity"]:
         raise SystemExit(f"{path}: its adapter was trained on {init} as it was then "
                          f"({meta['init_identity']}); that model has changed since "
@@ -306,7 +330,43 @@ def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_co
     inject_lora(model, **meta["lora"])
     load_lora(model, torch.load(os.path.join(path, "adapter.pt"), map_location="cpu",
                                 weights_only=True))
-    return merge_lora(model).to(device), processor, family
+    return (merge_lora(model) if merge else model).to(device), processor, family
+
+
+# ---------------------------------------------------------------- the Python API
+
+def embed_inputs(model, processor, family, inputs, batch_size=64, device="cpu", amp=None):
+    """[(text, image, instruction)] -> (n, d) L2-normalized float32 embeddings, in order, for a
+    model from load_embedder (a stage output, an export or an HF id). `image` is a path or a PIL
+    image; any entry may be None. Without an instruction, text and images get the zero-shot
+    "in one word" prompts (§3.1); with one, the MMEB format, the text after the instruction."""
+    out = []
+    for s in range(0, len(inputs), batch_size):
+        texts, images, instructions = map(list, zip(*inputs[s:s + batch_size]))
+        instructions = [ins if ins is None or t is None else f"{ins} {t}"
+                        for t, ins in zip(texts, instructions)]
+        texts = [t if ins is None else None for t, ins in zip(texts, instructions)]
+        images = [data.load_image(im) if im is not None else None for im in images]
+        out.append(encode(model, processor, family, texts, images, instructions, batch_size,
+                          device, amp))
+    return torch.cat(out)
+
+
+def progress(label, total, every=30.0):
+    """A function to call with how many of `total` items are done. It prints `label: done/total
+    (elapsed, ETA)` at most every `every` seconds, and a last line at the end of a pass that
+    printed any: short passes stay quiet."""
+    start = last = time.time()
+
+    def update(done):
+        nonlocal last
+        now = time.time()
+        if now - last < every and not (done >= total and last > start):
+            return
+        last = now
+        eta = (total - done) * (now - start) / max(done, 1)
+        print(f"{label}: {done}/{total} ({now - start:.0f}s, ETA {eta:.0f}s)", flush=True)
+    return update
 
 
 def count_parameters(model, trainable_only=False):
