@@ -16,7 +16,7 @@ import model as M
 
 RUN_FILES = ("checkpoint.pt", "log.jsonl", "adapter.pt", "unime.json")
 NOT_COMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "workers", "device",
-                "chunk_size")  # may change between a run and its resumption
+                "chunk_size", "gradient_checkpointing")  # may change when a run is resumed
 
 
 def run_config(args):

@@ -1,25 +1,36 @@
 """train.py's command line: the flags, the paper's presets, the defaults, and the data named.
 
-Each value comes from the first of: the command line, `--preset paper` (§4.1, Table 6), the
-embedded default (toy.py, when no --model is given), DEFAULTS. Every value is checked before
-any model loads, so a bad one fails in a second with the flag's name.
+Each value comes from the first of: the command line, a preset (§4.1, Table 6: one per paper
+backbone; `--preset paper` picks --model's), the embedded default (toy.py, when no --model is
+given), DEFAULTS. Every value is checked before any model loads, so a bad one fails in a second
+with the flag's name, and a flag that this run would not use is refused, never ignored.
 """
 import argparse
 import functools
+import importlib.util
 import math
 
 import torch
 
 import data
 import families
+import model as M
 
-PRESETS = {"paper": {  # §4.1 and Table 6; stage 1 counts 2 epochs of the NLI pairs, not steps
+PAPER = {  # §4.1 and Table 6; stage 1 counts 2 epochs of the NLI pairs, not steps
     1: dict(batch_size=768, chunk_size=64, lr=5e-4, lora_r=32, lora_alpha=64, lora_dropout=0.05,
             epochs=2, warmup=20, teacher="nvidia/NV-Embed-v2", teacher_pooling="nv-embed",
             save_every=100),
-    2: dict(batch_size=1024, chunk_size=32, lr=1e-4, lora_r=16, lora_alpha=64, lora_dropout=0.1,
+    2: dict(batch_size=1024, chunk_size=32, lora_r=16, lora_alpha=64, lora_dropout=0.1,
             max_steps=1000, warmup=100, tau=0.02, image_size=336, save_every=100),
-}}
+}
+PRESETS = {  # per backbone: Table 6's stage-2 lr is what differs
+    "paper-phi35v": {1: PAPER[1], 2: {**PAPER[2], "lr": 1e-4}},
+    "paper-llava16": {1: PAPER[1], 2: {**PAPER[2], "lr": 2e-5}},
+    # the paper reports LLaVA-OneVision (336 px) without its settings; UniME-V2's lr for it
+    "paper-llava-ov": {1: PAPER[1], 2: {**PAPER[2], "lr": 1e-4}},
+}
+PAPER_PRESET = {"phi3_v": "paper-phi35v", "llava_next": "paper-llava16",
+                "llava_onevision": "paper-llava-ov"}  # what --preset paper picks per family
 DEFAULTS = {  # what neither the command line, a preset nor the toy set
     1: dict(max_steps=1000, batch_size=64, chunk_size=32, lr=5e-4, warmup=20, lora_r=32,
             lora_alpha=64, lora_dropout=0.05, tau=0.05, teacher="nvidia/NV-Embed-v2",
@@ -33,9 +44,13 @@ LOSSES = {  # stage 2's loss -> the flags only it takes, with their defaults
     "masked-infonce": {},  # not UniME: the whole batch minus the β mask
     "hardness-weighted": dict(alpha=9.0),  # not UniME: LLaVE, α = 9 as in its training script
 }
-STAGE_FLAGS = {1: ("kd_direction", "hard_negatives"),  # refused in the other stage
-               2: ("loss", "k", "beta", "negatives", "alpha", "init", "toy_duplicates",
-                   "image_size")}
+STAGE_FLAGS = {  # refused in the other stage
+    1: ("kd_direction", "hard_negatives", "teacher", "teacher_pooling", "teacher_cache",
+        "eval_pairs", "load_in_4bit"),
+    2: ("loss", "k", "beta", "negatives", "alpha", "init", "toy_duplicates", "image_size",
+        "image_root", "skip_missing_images")}
+REAL_DATA_FLAGS = ("data", "image_root", "skip_missing_images")  # the toy makes its own data
+EARLY_DEFAULTS = dict(eval_pairs=200, image_root="")  # read with the data, before finish_args
 
 
 def margin(text):
@@ -61,13 +76,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
     a("--stage", type=int, choices=[1, 2], required=True)
-    a("--preset", choices=sorted(PRESETS), help="the paper's settings for this stage")
+    a("--preset", choices=["paper", *PRESETS], help="the paper's settings for this stage "
+      "(paper: the preset of --model's family)")
     a("--model", help="HF id, model folder or stage output to start from (default: the toy)")
     a("--family", help="backbone family, when the model type is not one (families.py)")
     a("--trust-remote-code", action="store_true", help="run the model's own code (Phi-3.5-V)")
     a("--data", help="stage 1: NLI CSV/JSONL (sent0,sent1[,hard_neg]); stage 2: MMEB-train "
                      "JSONL/parquet files, comma-separated")
-    a("--image-root", default="", help="stage 2: folder the image paths are relative to")
+    a("--image-root", help="stage 2: folder the image paths are relative to")
     a("--skip-missing-images", action="store_true", help="drop (and count) rows, not fail")
     a("--image-size", type=image_size, help="stage 2: resize images to this square, in pixels "
       "or VLM2Vec's names (high 1344, mid 672, mid_336, low 128), or keep them: original "
@@ -75,7 +91,7 @@ def parse_args(argv=None):
     a("--teacher", help="stage 1 teacher, HF id or folder (paper: nvidia/NV-Embed-v2)")
     a("--teacher-pooling", choices=["mean", "cls", "last", "nv-embed"])
     a("--teacher-cache", help="file of cached teacher embeddings (default under runs/cache)")
-    a("--eval-pairs", type=int, default=200, help="stage 1: held-out pairs for agreement")
+    a("--eval-pairs", type=int, help="stage 1: held-out pairs for agreement")
     a("--hard-negatives", action="store_true", help="stage 1: NLI hard_neg as extra columns")
     a("--kd-direction", choices=["teacher-student", "student-teacher", "symmetric"],
       help="stage 1: the KL of Eq. 2 (default teacher-student; symmetric = the mean of both, "
@@ -94,7 +110,7 @@ def parse_args(argv=None):
                      "base = from its base (ablation), or a folder holding a toy stage-1 output")
     a("--toy-duplicates", type=float, help="the toy's stage 2: this share of a batch's rows "
       "repeat the row before with new wording and drawing, i.e. false negatives (default 0)")
-    a("--out", help="output folder (default for the toy: runs/stage1, runs/stage2)")
+    a("--out", help="output folder; required with --model (the toy's: runs/stage1, runs/stage2)")
     a("--overwrite", action="store_true", help="replace an earlier run's output in --out")
     a("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     a("--max-steps", type=int)
@@ -116,36 +132,104 @@ def parse_args(argv=None):
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 frozen weights and bf16 autocast on CUDA, fp32 on the CPU")
     a("--seed", type=int, default=0)
+    a("--gradient-checkpointing", action="store_true",
+      help="keep only each layer's input and recompute the layer in the backward: less memory "
+           "for activations, one more forward per chunk")
+    a("--load-in-4bit", action="store_true",
+      help="stage 1: the base's weights in 4-bit NF4 (QLoRA, §4.1); needs CUDA and bitsandbytes")
     args = p.parse_args(argv)
-    if args.preset and args.model is None:
-        p.error("--preset paper needs --model (e.g. microsoft/Phi-3.5-vision-instruct)")
-    if args.init and args.model is not None:
-        p.error("--init chooses where the toy's stage 2 starts; with --model, the model is the "
-                "start")
-    if args.toy_duplicates is not None and args.model is not None:
-        p.error("--toy-duplicates changes the toy's stage-2 batches; with --model the data is "
-                "--data")
-    if args.toy_duplicates is not None and not 0 <= args.toy_duplicates < 1:
-        p.error(f"--toy-duplicates is a share of a batch, in [0, 1), got {args.toy_duplicates}")
+    check_flags(p.error, args)
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
+    for key, value in EARLY_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    preset = PRESETS[preset_name(args)][args.stage] if args.preset else {}
+    for key, value in preset.items():  # a length given on the command line beats the preset's
+        given = {"epochs": args.max_steps, "max_steps": args.epochs}.get(key)
+        if key in ("lora_alpha", "lora_dropout") and args.lora_r == 0:
+            continue  # no LoRA to shape
+        if getattr(args, key) is None and given is None:
+            setattr(args, key, value)
+    if args.load_in_4bit:
+        check_4bit(p.error, args)
+    return args
+
+
+def check_4bit(error, args):
+    """QLoRA's 4-bit base (stage 1): bitsandbytes on CUDA, a LoRA to train, a plain model."""
+    if importlib.util.find_spec("bitsandbytes") is None or not args.device.startswith("cuda"):
+        error("--load-in-4bit needs a CUDA --device and bitsandbytes (pip install bitsandbytes); "
+              "without them, leave it out: bf16 weights need about 4x the memory of 4-bit ones")
+    if args.lora_r == 0:
+        error("--load-in-4bit trains a LoRA over frozen 4-bit weights; --lora-r 0 cannot")
+    if M.read_stage_meta(args.model):
+        error(f"--load-in-4bit quantizes a plain model (an HF id or a folder); {args.model} is "
+              f"a stage output")
+
+
+def check_flags(error, args):
+    """Refuse what this run would not use: every flag given is honoured, or named here."""
+    flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
     for name in STAGE_FLAGS[3 - args.stage]:
         if getattr(args, name) not in (None, False):
-            p.error(f"--{name.replace('_', '-')} is a stage-{3 - args.stage} flag, this is "
-                    f"stage {args.stage}")
+            error(f"{flag(name)} is a stage-{3 - args.stage} flag, this is stage {args.stage}")
     loss = args.loss or "unime"
     for name in ("k", "negatives", "alpha"):
         if getattr(args, name) is not None and name not in LOSSES[loss]:
-            p.error(f"--{name} does not apply to --loss {loss}; it is for --loss " +
-                    " / ".join(n for n, flags in LOSSES.items() if name in flags))
-    preset = PRESETS[args.preset][args.stage] if args.preset else {}
-    for key, value in preset.items():  # a length given on the command line beats the preset's
-        given = {"epochs": args.max_steps, "max_steps": args.epochs}.get(key)
-        if getattr(args, key) is None and given is None:
-            setattr(args, key, value)
-    return args
+            error(f"--{name} does not apply to --loss {loss}; it is for --loss " +
+                  " / ".join(n for n, flags in LOSSES.items() if name in flags))
+    if args.toy_duplicates is not None and not 0 <= args.toy_duplicates < 1:
+        error(f"--toy-duplicates is a share of a batch, in [0, 1), got {args.toy_duplicates}")
+    if args.model is None:
+        for name in REAL_DATA_FLAGS:
+            if getattr(args, name) not in (None, False):
+                error(f"{flag(name)} belongs with --model: the toy makes its own data")
+        if args.preset:
+            error("--preset needs --model (e.g. microsoft/Phi-3.5-vision-instruct)")
+    elif args.init:
+        error("--init chooses where the toy's stage 2 starts; with --model, the model is the "
+              "start")
+    elif args.toy_duplicates is not None:
+        error("--toy-duplicates changes the toy's stage-2 batches; with --model the data is "
+              "--data")
+    elif args.out is None:
+        error("--model needs --out: the folder for this run's checkpoints, log and output")
+    if args.epochs is not None and args.max_steps is not None:
+        error("--epochs and --max-steps both set the run's length: give one")
+    if args.resume and args.overwrite:
+        error("--resume continues the run in --out, --overwrite replaces it: give one")
+
+
+def preset_name(args):
+    """--preset paper -> the preset of --model's family: --family, a stage output's
+    unime.json, or the model_type in its config.json (read without running remote code)."""
+    if args.preset != "paper":
+        return args.preset
+    family = args.family or backbone_family(args.model)
+    if family not in PAPER_PRESET:
+        raise SystemExit(f"--preset paper: the paper trained Phi-3.5-V, LLaVA-1.6 and "
+                         f"LLaVA-OneVision; {args.model} is {family!r}. Name a preset "
+                         f"({', '.join(PRESETS)}) or give the settings as flags")
+    return PAPER_PRESET[family]
+
+
+def backbone_family(name):
+    meta = M.read_stage_meta(name)
+    if meta:
+        return meta["family"]
+    from transformers import PretrainedConfig
+    try:
+        return PretrainedConfig.get_config_dict(name)[0].get("model_type")
+    except OSError as e:
+        raise SystemExit(M.missing_model(name, e))
 
 
 def finish_args(args, source):
     """DEFAULTS for what is still unset, the length in steps, and every value checked."""
+    if args.lora_r == 0 and (args.lora_alpha is not None or args.lora_dropout is not None):
+        raise SystemExit("--lora-alpha and --lora-dropout shape a LoRA, and --lora-r 0 "
+                         "(the toy's stage 2 too) fine-tunes every weight instead")
     for key, value in DEFAULTS[args.stage].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

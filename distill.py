@@ -52,8 +52,12 @@ def teacher_path(name):
 
 def load_teacher(name=MINILM, device="cpu", dtype=torch.float32,
                  trust_remote_code=False):
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
     path = teacher_path(name)
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(M.missing_model(name, e, "teacher"))
     model = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
 
@@ -63,8 +67,9 @@ def teacher_embed(model, tokenizer, texts, pooling="mean", batch_size=128, devic
                   max_length=256):
     """(n, d_t) L2-normalized teacher embeddings. pooling: mean (sentence-transformers),
     cls, last (decoder embedders), or nv-embed (NV-Embed-v2's own `encode`, remote code)."""
-    out = []
+    out, report = [], M.progress("teacher embeddings", len(texts))
     for s in range(0, len(texts), batch_size):
+        report(s)
         chunk = texts[s:s + batch_size]
         if pooling == "nv-embed":
             e = model.encode(chunk, instruction="", max_length=max_length)
@@ -83,6 +88,7 @@ def teacher_embed(model, tokenizer, texts, pooling="mean", batch_size=128, devic
         else:
             raise ValueError(f"unknown teacher pooling {pooling!r}: mean, cls, last or nv-embed")
         out.append(F.normalize(e, dim=-1).cpu())
+    report(len(texts))
     return torch.cat(out)
 
 

@@ -134,7 +134,7 @@ class EmbeddingCache:
     hash: a regenerated image is a new input. A shard stores the full identity and is checked
     on load. Without cache_dir the cache lives in memory only."""
 
-    def __init__(self, model_id, cache_dir=None, block=2048):
+    def __init__(self, model_id, cache_dir=None, block=512):
         self.model_id, self.vectors, self.block, self.hashes = model_id, {}, block, {}
         digest = hashlib.sha256(model_id.encode()).hexdigest()[:16]
         self.dir = os.path.join(cache_dir, digest) if cache_dir else None
@@ -160,6 +160,7 @@ class EmbeddingCache:
         inputs not cached yet, a block at a time, each block saved before the next starts."""
         keys = [self.key(x) for x in inputs]
         todo = list({k: x for k, x in zip(keys, inputs) if k not in self.vectors}.items())
+        report = M.progress("embedding", len(todo))
         for s in range(0, len(todo), self.block):
             block = todo[s:s + self.block]
             new = encode_fn([x for _, x in block]).float().cpu()  # (len(block), d)
@@ -168,6 +169,7 @@ class EmbeddingCache:
                 name = hashlib.sha256("\n".join(k for k, _ in block).encode()).hexdigest()[:16]
                 M.save_atomic(os.path.join(self.dir, name + ".pt"), {
                     "model_id": self.model_id, "keys": [k for k, _ in block], "vectors": new})
+            report(s + len(block))
         return torch.stack([self.vectors[k] for k in keys])
 
 
@@ -320,6 +322,9 @@ def parse_args(argv=None):
         p.error(f"--task {args.task} needs --data")
     if args.batch_size < 1:
         p.error(f"--batch-size must be positive, got {args.batch_size}")
+    for flag in ("max_captions", "limit"):  # used by retrieval only: refused, not ignored
+        if getattr(args, flag) is not None and args.task != "retrieval":
+            p.error(f"--{flag.replace('_', '-')} is a retrieval setting, not {args.task}'s")
     return args
 
 

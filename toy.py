@@ -134,7 +134,8 @@ def setup(args, run_train):
     if args.stage == 1:
         rows = text_pairs(splits["train"], 2000, args.seed)
         return {"n_rows": len(rows), "rows": functools.partial(take, rows),
-                "heldout": text_pairs(splits["test"], 200, SPLIT_SEED + 1), "report": None}
+                "heldout": text_pairs(splits["test"], args.eval_pairs, SPLIT_SEED + 1),
+                "report": None}
     scenes = splits["train"]
     return {"n_rows": len(TASKS) * len(scenes), "heldout": [],
             "rows": functools.partial(stage2_rows, scenes, seed=args.seed + 7,

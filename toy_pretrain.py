@@ -13,6 +13,7 @@ import argparse
 import os
 import random
 import tempfile
+import time
 
 import torch
 
@@ -153,6 +154,7 @@ def pretrain(out, steps=1500, batch_size=60, lr=3e-3, warmup=50, seed=0, base=No
     scenes = shapes.split_scenes(toy.SPLIT_SEED)["pretrain"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     before = toy.benchmark(ev.make_encoder(model.eval(), processor, "llava"))
+    t0 = time.time()
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = train.lr_at(step, lr, warmup, steps)
@@ -164,7 +166,8 @@ def pretrain(out, steps=1500, batch_size=60, lr=3e-3, warmup=50, seed=0, base=No
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            print(f"step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+            eta = (time.time() - t0) / (step + 1) * (steps - step - 1)
+            print(f"step {step + 1}/{steps} loss {loss.item():.4f} ETA {eta:.0f}s", flush=True)
     after = toy.benchmark(ev.make_encoder(model.eval(), processor, "llava"))
     M.save_pretrained(out, model, processor)
     print(ev.markdown_table(["zero-shot, held-out scenes", "before", "after"],

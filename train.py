@@ -241,6 +241,14 @@ def add_trainable(model, family, args):
     return lora
 
 
+def checkpoint_activations(model):
+    """HF's gradient checkpointing (activation checkpointing from transformers 5.24), non-reentrant:
+    its recomputation restores the RNG state, so LoRA dropout repeats, as GradCache needs."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or \
+        model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 def teacher_targets(args, source, device):
     """Stage 1: the teacher's embeddings of every distinct sentence, computed offline once
     (§3.2) and cached, and per side the teacher row of each data row (shuffle-safe)."""
@@ -281,8 +289,11 @@ def train(args, source):
     with checkpoint.claimed(args) if main_rank else contextlib.nullcontext():
         weights, amp = M.precision(device, args.dtype)
         model, processor, family = M.load_embedder(args.model, device, weights,
-                                                   args.trust_remote_code, args.family)
+                                                   args.trust_remote_code, args.family,
+                                                   load_in_4bit=args.load_in_4bit)
         lora = add_trainable(model, family, args)
+        if args.gradient_checkpointing:
+            checkpoint_activations(model)
         params = [p for p in model.parameters() if p.requires_grad]
         print(f"trainable: {sum(p.numel() for p in params):,} of {M.count_parameters(model):,}")
         report = source["report"]
