@@ -6,9 +6,11 @@ stage output (model.py: the adapter, then `unime.json`, which marks it complete)
 continues from the checkpoint bit for bit, and refuses a checkpoint made with other settings.
 """
 import contextlib
+import fcntl
 import json
 import os
 import random
+import socket
 
 import torch
 
@@ -36,19 +38,31 @@ def save(out, model, opt, step, generator, config):
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}})
 
 
-def load(out, model, opt, generator, config):
-    """Restore a checkpoint of the same run -> the step it reached. Only tensors and plain
-    values are unpickled (weights_only), so a crafted file cannot run code."""
+def read(out, config):
+    """The checkpoint in `out`, refused unless it was made with the same settings (`config`,
+    from run_config): the first differing one is named. Only tensors and plain values are
+    unpickled (weights_only), so a crafted file cannot run code."""
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.isfile(path):
         raise SystemExit(f"--resume: {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    differ = [k for k in sorted(set(config) | set(ckpt["config"]))
-              if config.get(k) != ckpt["config"].get(k)]
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        made = ckpt["config"]
+    except Exception as e:
+        raise SystemExit(f"--resume: {path} is not a checkpoint of train.py "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    differ = [k for k in sorted(set(config) | set(made)) if config.get(k) != made.get(k)]
     if differ:
         k = differ[0]
-        raise SystemExit(f"--resume: {path} was made with {k}={ckpt['config'].get(k)!r}, this "
+        raise SystemExit(f"--resume: {path} was made with {k}={made.get(k)!r}, this "
                          f"run has {k}={config.get(k)!r} (differing: {', '.join(differ)})")
+    return ckpt
+
+
+def load(out, model, opt, generator, config):
+    """Restore a checkpoint of the same run (read) -> the step it reached."""
+    read(out, config)  # mapped, not read: the optimizer gets tensors of its own below
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["trainable"], strict=False)
     opt.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -73,7 +87,7 @@ def claim(args):
         raise SystemExit(f"--out {args.out} is the model this run starts from (or one it was "
                          f"built on); choose another folder")
     present = os.listdir(out) if os.path.isdir(out) else []
-    ours = [f for f in present if f in RUN_FILES]
+    ours = [f for f in present if f in RUN_FILES or f.startswith((".lock", ".tmp-"))]
     if present and not ours:
         raise SystemExit(f"--out {args.out} is not empty and holds no run of train.py; choose "
                          f"a new or empty folder")
@@ -81,20 +95,54 @@ def claim(args):
         state = "finished" if "unime.json" in ours else "unfinished"
         raise SystemExit(f"--out {args.out} holds another run's output ({state}); pass "
                          f"--resume to continue it, --overwrite to replace it, or another --out")
+    if args.resume and "checkpoint.pt" not in present:
+        raise SystemExit(f"--resume: {os.path.join(args.out, 'checkpoint.pt')} does not exist")
     os.makedirs(out, exist_ok=True)
-    lock = os.path.join(out, ".lock")
+    lock = take_lock(os.path.join(out, ".lock"), args.out)
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        with open(lock) as f:
-            pid = f.read().strip()
-        raise SystemExit(f"--out {args.out} is locked by another run (pid {pid}); if no such "
-                         f"process runs, delete {lock}") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
+        if args.resume:  # a missing or different checkpoint is refused now, not after the
+            read(out, run_config(args))  # teacher's work and the model's loading
+    except BaseException:
+        release(lock)
+        raise
     if args.overwrite and os.path.exists(os.path.join(out, "unime.json")):
         os.remove(os.path.join(out, "unime.json"))
+    for f in present:  # save_atomic's temporary files, left by a run killed while writing
+        if f.startswith(".tmp-") and os.path.isfile(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
     return lock
+
+
+def take_lock(path, out):
+    """-> the open lock file, held until it is closed. An flock, not the file's existence, is
+    the lock: the kernel releases it when its process ends in any way (kill -9 included), so a
+    killed run's leftover `.lock` holds nothing and the next run takes it, while a running one,
+    on this host or another sharing the folder, is refused."""
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise SystemExit(f"--out {out} is in use by another run ({holder}); wait for it "
+                             f"to end, or choose another --out") from None
+        try:  # the file we locked is still the one at `path` (its last holder removes it)
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def release(lock):
+    os.remove(lock.name)  # our own lock file, removed while we still hold it
+    lock.close()
 
 
 @contextlib.contextmanager
@@ -104,15 +152,21 @@ def claimed(args):
     try:
         yield
     finally:
-        os.remove(lock)  # our own lock file
+        release(lock)
 
 
 def open_log(out, start):
-    """log.jsonl for appending one JSON record per step; on resume, what was logged after the
-    checkpoint's step is dropped (those steps run again)."""
+    """log.jsonl for appending one JSON record per step, a line at a time (a kill tears at most
+    the last line). On resume, what was logged after the checkpoint's step is dropped (those
+    steps run again), a torn line with it; the shortened log replaces the old one atomically."""
     path = os.path.join(out, "log.jsonl")
-    kept = [x for x in open(path, encoding="utf-8").read().splitlines() if x and json.loads(x)["step"] <= start] \
-        if start and os.path.exists(path) else []
-    log = open(path, "w", encoding="utf-8")
-    log.writelines(x + "\n" for x in kept)
-    return log
+    kept = []
+    for line in open(path, encoding="utf-8").read().splitlines() if start and \
+            os.path.exists(path) else []:
+        try:
+            if json.loads(line)["step"] <= start:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill: after the checkpoint
+            continue
+    M.save_atomic(path, "".join(kept))
+    return open(path, "a", encoding="utf-8", buffering=1)

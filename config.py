@@ -84,7 +84,8 @@ def parse_args(argv=None):
     a("--data", help="stage 1: NLI CSV/JSONL (sent0,sent1[,hard_neg]); stage 2: MMEB-train "
                      "JSONL/parquet files, comma-separated")
     a("--image-root", help="stage 2: folder the image paths are relative to")
-    a("--skip-missing-images", action="store_true", help="drop (and count) rows, not fail")
+    a("--skip-missing-images", action="store_true",
+      help="drop (and count) rows whose image is missing or unreadable, not fail")
     a("--image-size", type=image_size, help="stage 2: resize images to this square, in pixels "
       "or VLM2Vec's names (high 1344, mid 672, mid_336, low 128), or keep them: original "
       "(default 336, §4.1; Phi-3.5-V is never resized, its processor crops)")
@@ -277,11 +278,13 @@ def read_data(args):
         train_rows, heldout = rows[:len(rows) - n_eval], rows[len(rows) - n_eval:]
         return {"n_rows": len(train_rows), "rows": functools.partial(take, train_rows),
                 "heldout": heldout, "report": None}
-    table, skipped = [], 0
+    table, skipped = [], []
     for path in args.data.split(","):
-        rows, n = data.read_mmeb_train(path, args.image_root, args.skip_missing_images)
-        table, skipped = table + rows, skipped + n
-    print(f"MMEB-train: {len(table)} pairs, {skipped} rows skipped for missing images")
+        rows, why = data.read_mmeb_train(path, args.image_root, args.skip_missing_images)
+        table, skipped = table + rows, skipped + why
+    print(f"MMEB-train: {len(table)} pairs, {len(skipped)} rows skipped for missing or "
+          f"unreadable images" + "".join(f"\n  {w}" for w in skipped[:3]) +
+          ("\n  ..." if len(skipped) > 3 else ""))
     return {"n_rows": len(table), "rows": functools.partial(take, table), "heldout": [],
             "report": None}
 

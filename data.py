@@ -9,13 +9,18 @@ An input to embed is a tuple (text, image, instruction): `text` gets the zero-sh
 prompt, `instruction` is MMEB's own prompt text (it already holds its task instruction), `image`
 is a path or a PIL image; any of them may be None.
 """
+import concurrent.futures
 import csv
 import json
 import os
+import time
+import warnings
 
 from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit, 89.5 MP (8000 x 8000 fits)
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_image refuses them itself
 
 
 # ---------------------------------------------------------------- records and images
@@ -72,16 +77,70 @@ def image_path(rel, image_root, where):
 
 def load_image(image):
     """A PIL image from a PIL image or a path, in RGB (resizing is the family's:
-    families.prepare_image)."""
+    families.prepare_image). Transparency is composited onto white, as transformers' own
+    convert_to_rgb does."""
     if isinstance(image, str):
         try:
             image = Image.open(image)
             image.load()
-        except OSError as e:
+        except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"cannot read image {image}: {e}") from None
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits, not clip
         image = image.point(lambda v: v / 256).convert("L")
+    if "A" in image.getbands() or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"),
+                                      image.convert("RGBA"))
     return image.convert("RGB")
+
+
+def check_image(path):
+    """Why the image file `path` cannot be used, or None. Reads the header (format, size) and
+    the last bytes: a file cut short (an interrupted download or unzip) lacks the JPEG or PNG
+    end marker and is then decoded to be sure; other formats are always decoded. About as
+    cheap as opening the file, where decoding costs 20-40 times more; a file that is complete
+    but damaged inside fails when a batch loads it, and load_image names it."""
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                return f"is {im.width}x{im.height}, over the {MAX_PIXELS / 1e6:.1f} MP limit"
+            end = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}.get(im.format)
+            with open(path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 16))
+                complete = end is not None and f.read().endswith(end)
+            if not complete:
+                im.draft("RGB", (1, 1))  # a JPEG decodes at 1/8 scale, still reading every byte
+                im.load()
+    except Image.DecompressionBombError as e:
+        return f"is over the {MAX_PIXELS / 1e6:.1f} MP limit ({str(e).split(',')[0]})"
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        return f"cannot be decoded ({e})"
+    return None
+
+
+def check_images(paths, threads=16, block=1024):
+    """{path: why not} for the unusable ones among `paths` (check_image), each distinct file
+    checked once, in threads (file reads and decoding release the GIL); a long pass prints
+    its progress."""
+    todo = sorted(set(paths))
+    blocks = [todo[s:s + block] for s in range(0, len(todo), block)]
+    bad, done, t0, shown = {}, 0, time.time(), time.time()
+    with concurrent.futures.ThreadPoolExecutor(min(threads, os.cpu_count() or 1)) as pool:
+        for part, reasons in zip(blocks, pool.map(lambda b: list(map(check_image, b)), blocks)):
+            bad.update((p, why) for p, why in zip(part, reasons) if why)
+            done += len(part)
+            if time.time() - shown > 20:
+                print(f"checking images: {done:,} of {len(todo):,} ({time.time() - t0:.0f}s)",
+                      flush=True)
+                shown = time.time()
+    return bad
+
+
+def require_images(located):
+    """Raise for the first unusable image of [(where it is named, path)]."""
+    bad = check_images([p for _, p in located])
+    for where, p in located:
+        if p in bad:
+            raise ValueError(f"{where}: image {p} {bad[p]}")
 
 
 # ---------------------------------------------------------------- stage 1: NLI (§4.2.1)
@@ -112,26 +171,44 @@ def read_nli(path):
 
 # ---------------------------------------------------------------- stage 2: MMEB-train (§4.2.1)
 
-def read_mmeb_train(path, image_root="", skip_missing=False):
+MMEB_TRAIN_KEYS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+
+
+def read_mmeb_train(path, image_root="", skip_bad=False):
     """MMEB-train rows (`qry, qry_image_path, pos_text, pos_image_path`) -> ([{'qry',
-    'qry_image', 'pos', 'pos_image'}], skipped). The texts are MMEB's prompts with `<|image_1|>`;
-    an empty path is a side without an image. A missing or unreadable image is an error naming
-    the file and row, or with skip_missing the row is dropped and counted."""
-    rows, skipped = [], 0
+    'qry_image', 'pos', 'pos_image'}], [why each skipped row was skipped]). The texts are MMEB's
+    prompts with `<|image_1|>`; an empty path is a side without an image, a missing key an
+    error (the published files always have all four: another schema is no silent text-only
+    run). A missing or unusable image (check_image) is an error naming the file and row, or
+    with skip_bad the row is dropped and its reason kept."""
+    found, skipped = [], []
     for n, r in read_records(path):
-        if not r.get("qry") or not (r.get("pos_text") or r.get("pos_image_path")):
-            raise ValueError(f"{path}, row {n}: needs qry and pos_text or pos_image_path")
+        where = f"{path}, row {n}"
+        if any(k not in r for k in MMEB_TRAIN_KEYS):
+            raise ValueError(f"{where}: no {', '.join(k for k in MMEB_TRAIN_KEYS if k not in r)}"
+                             f" (MMEB-train rows have {', '.join(MMEB_TRAIN_KEYS)}; an empty "
+                             f"path means no image)")
+        if not r["qry"] or not (r["pos_text"] or r["pos_image_path"]):
+            raise ValueError(f"{where}: needs qry and pos_text or pos_image_path")
         try:
-            images = {side: image_path(r[key], image_root, f"{path}, row {n}")
-                      if r.get(key) else None
-                      for side, key in (("qry", "qry_image_path"), ("pos", "pos_image_path"))}
-        except (FileNotFoundError, ValueError) as e:
-            if skip_missing and isinstance(e, FileNotFoundError):
-                skipped += 1
-                continue
-            raise type(e)(f"{e}; or pass --skip-missing-images") from None
-        rows.append({"qry": r["qry"], "pos": r.get("pos_text") or "",
-                     "qry_image": images["qry"], "pos_image": images["pos"]})
+            images = {side: image_path(r[f"{side}_image_path"], image_root, where)
+                      if r[f"{side}_image_path"] else None for side in ("qry", "pos")}
+        except FileNotFoundError as e:
+            if not skip_bad:
+                raise FileNotFoundError(f"{e}; or pass --skip-missing-images") from None
+            skipped.append(str(e))
+            continue
+        found.append((where, {"qry": r["qry"], "pos": r["pos_text"] or "",
+                              "qry_image": images["qry"], "pos_image": images["pos"]}))
+    bad = check_images([r[k] for _, r in found for k in ("qry_image", "pos_image") if r[k]])
+    rows = []
+    for where, r in found:
+        why = [f"{where}: image {r[k]} {bad[r[k]]}" for k in ("qry_image", "pos_image")
+               if r[k] in bad]
+        if why and not skip_bad:
+            raise ValueError(f"{why[0]}; or pass --skip-missing-images")
+        skipped += why[:1]
+        rows += [] if why else [r]
     return rows, skipped
 
 
@@ -141,7 +218,7 @@ def read_mmeb_eval(path, image_root=""):
     """One MMEB-eval subset (`qry_text, qry_img_path, tgt_text[], tgt_img_path[]`) ->
     [{"qry": input, "tgt": [input, ...]}], the gold candidate first. MMEB text already holds its
     instruction and `<|image_1|>`, so it goes in the instruction slot of the input."""
-    rows = []
+    rows, located = [], []
     for n, r in read_records(path):
         where = f"{path}, row {n}"
         if not {"qry_text", "qry_img_path", "tgt_text", "tgt_img_path"} <= set(r):
@@ -155,7 +232,9 @@ def read_mmeb_eval(path, image_root=""):
             raise ValueError(f"{where}: an input has neither text nor image")
         inputs = [(None, image_path(p, image_root, where) if p else None, t or "")
                   for t, p in sides]
+        located += [(where, x[1]) for x in inputs if x[1]]
         rows.append({"qry": inputs[0], "tgt": inputs[1:]})
+    require_images(located)
     return rows
 
 
@@ -186,7 +265,7 @@ def read_caption_set(path, image_root="", max_captions=None, limit=None):
                 raise ValueError(f"{path}, row {n}: needs image, conversations[1].value") from None
     else:
         pairs = [(n, r.get("image"), r.get("caption")) for n, r in read_records(path)][:limit]
-    images, captions, owner = [], [], []
+    images, captions, owner, located = [], [], [], []
     for n, image, caps in pairs:
         caps = [caps] if isinstance(caps, str) else caps
         if not image or not caps or not isinstance(caps, list) or \
@@ -195,8 +274,10 @@ def read_caption_set(path, image_root="", max_captions=None, limit=None):
         # Urban1K's images are the folder's own files; elsewhere they are named by the data
         images.append(image if os.path.isdir(path) else
                       image_path(image, image_root, f"{path}, row {n}"))
+        located.append((f"{path}, row {n}", images[-1]))
         captions += caps[:max_captions]
         owner += [len(images) - 1] * len(caps[:max_captions])
+    require_images(located)
     return images, captions, owner
 
 
@@ -211,4 +292,5 @@ def read_sugarcrepe(path, image_root=""):
             raise ValueError(f"{path}, row {n} (id {key}): needs {', '.join(fields)}")
         rows.append((image_path(r["filename"], image_root, f"{path}, row {n}"), r["caption"],
                      r["negative_caption"]))
+    require_images([(f"{path}, row {n}", r[0]) for n, r in enumerate(rows, 1)])
     return rows

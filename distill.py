@@ -109,8 +109,8 @@ def load_teacher_cache(path, texts, teacher, pooling):
         cache = torch.load(path, map_location="cpu", weights_only=True)
         made = (cache["teacher"], cache["pooling"], cache["texts_hash"])
     except Exception as e:  # a torn, foreign or older file
-        raise ValueError(f"{path}: not a teacher cache of this code ({type(e).__name__}: {e}); "
-                         f"delete it to recompute") from None
+        raise ValueError(f"{path}: not a teacher cache of this code ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}); delete it to recompute") from None
     if made[:2] != (teacher, pooling):
         raise ValueError(f"{path}: teacher cache was made by {made[0]!r} with {made[1]!r} "
                          f"pooling, not {teacher!r} with {pooling!r}; delete it or point "
@@ -128,8 +128,11 @@ def teacher_embeddings(texts, teacher, cache_path, pooling="mean", device="cpu",
         return load_teacher_cache(cache_path, texts, teacher, pooling)
     model, tokenizer = load_teacher(teacher, device, trust_remote_code=trust_remote_code)
     emb = teacher_embed(model, tokenizer, texts, pooling, batch_size, device)
-    M.save_atomic(cache_path, {"teacher": teacher, "pooling": pooling, "n": len(texts),
-                               "texts_hash": texts_hash(texts), "embeddings": emb})
+    try:
+        M.save_atomic(cache_path, {"teacher": teacher, "pooling": pooling, "n": len(texts),
+                                   "texts_hash": texts_hash(texts), "embeddings": emb})
+    except SystemExit as e:  # a full disk: this run keeps the teacher's work all the same
+        print(f"warning: {e}; continuing without a cache", flush=True)
     return emb
 
 

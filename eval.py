@@ -140,7 +140,12 @@ class EmbeddingCache:
         self.dir = os.path.join(cache_dir, digest) if cache_dir else None
         for name in sorted(os.listdir(self.dir)) if self.dir and os.path.isdir(self.dir) else []:
             if name.endswith(".pt"):
-                shard = torch.load(os.path.join(self.dir, name), weights_only=True)
+                try:
+                    shard = torch.load(os.path.join(self.dir, name), weights_only=True)
+                except Exception as e:  # not written by save_atomic: bit rot, a foreign file
+                    raise SystemExit(f"{os.path.join(self.dir, name)}: not an embedding cache "
+                                     f"shard ({type(e).__name__}); delete it and its inputs "
+                                     f"are embedded again") from None
                 if shard.get("model_id") == model_id:
                     self.vectors.update(zip(shard["keys"], shard["vectors"]))
 

@@ -214,11 +214,13 @@ def load_lora(model, state):
 def save_atomic(path, obj):
     """The one atomic writer: `obj` (text, or anything torch.save takes) goes to a temporary
     file in the same folder, then is renamed to `path`, so a crash never leaves a torn file
-    where a good one was expected. Files get the usual permissions (mkstemp's are 0600)."""
+    where a good one was expected. Files get the usual permissions (mkstemp's are 0600). A
+    failed write (a full disk) stops with a message naming `path`, which is left as it was."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             f.write(obj.encode()) if isinstance(obj, str) else torch.save(obj, f)
             f.flush()
@@ -227,8 +229,15 @@ def save_atomic(path, obj):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)  # our own temporary file, nothing else
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)  # our own temporary file, nothing else
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as either
+            disk = os.statvfs(folder) if os.path.isdir(folder) else None
+            free = disk.f_bavail * disk.f_frsize / 2**20 if disk else 0
+            raise SystemExit(f"cannot write {path}: {getattr(e, 'strerror', None) or e} "
+                             f"({free:.0f} MiB free there); the file there before (if any) "
+                             f"is unchanged") from e
         raise
 
 

@@ -259,8 +259,11 @@ def teacher_targets(args, source, device):
         [args.teacher.replace("/", "_"), args.teacher_pooling,
          distill.texts_hash(texts)[:12]]) + ".pt")
     t0 = time.time()
-    teacher = distill.teacher_embeddings(texts, args.teacher, cache, args.teacher_pooling,
-                                         device, args.trust_remote_code)
+    try:
+        teacher = distill.teacher_embeddings(texts, args.teacher, cache, args.teacher_pooling,
+                                             device, args.trust_remote_code)
+    except ValueError as e:  # e.g. a cache of other texts, teacher or pooling, or not a cache
+        raise SystemExit(f"teacher {args.teacher}: {e}") from None
     print(f"teacher embeddings: {len(texts)} texts, {teacher.shape[1]}-d, "
           f"{time.time() - t0:.1f}s (cache {cache})", flush=True)
     return teacher.to(device), index, {k: torch.tensor([index[r[k]] for r in rows])
@@ -288,6 +291,11 @@ def train(args, source):
     main_rank = rank == 0
     with checkpoint.claimed(args) if main_rank else contextlib.nullcontext():
         weights, amp = M.precision(device, args.dtype)
+        report = source["report"]
+        if args.stage == 1:  # first: a bad cache fails in seconds, and the teacher's memory
+            teacher, index, teacher_rows = teacher_targets(args, source, device)  # is freed
+            if source["heldout"]:
+                report = teacher_report(teacher, index, source["heldout"], device, amp)
         model, processor, family = M.load_embedder(args.model, device, weights,
                                                    args.trust_remote_code, args.family,
                                                    load_in_4bit=args.load_in_4bit)
@@ -296,11 +304,6 @@ def train(args, source):
             checkpoint_activations(model)
         params = [p for p in model.parameters() if p.requires_grad]
         print(f"trainable: {sum(p.numel() for p in params):,} of {M.count_parameters(model):,}")
-        report = source["report"]
-        if args.stage == 1:
-            teacher, index, teacher_rows = teacher_targets(args, source, device)
-            if source["heldout"]:
-                report = teacher_report(teacher, index, source["heldout"], device, amp)
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
         generator = torch.Generator().manual_seed(args.seed)  # random negatives, on every rank
         settings = checkpoint.run_config(args)
