@@ -159,10 +159,11 @@ def open_log(out, start):
     """log.jsonl for appending one JSON record per step, a line at a time (a kill tears at most
     the last line). On resume, what was logged after the checkpoint's step is dropped (those
     steps run again), a torn line with it; the shortened log replaces the old one atomically."""
-    path = os.path.join(out, "log.jsonl")
-    kept = []
-    for line in open(path, encoding="utf-8").read().splitlines() if start and \
-            os.path.exists(path) else []:
+    path, lines, kept = os.path.join(out, "log.jsonl"), [], []
+    if start and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    for line in lines:
         try:
             if json.loads(line)["step"] <= start:
                 kept.append(line + "\n")

@@ -270,6 +270,13 @@ def read_data(args):
         raise SystemExit(f"--model {args.model} needs --data: " + (
             "SimCSE's NLI pairs (nli_for_simcse.csv: sent0,sent1,hard_neg)" if args.stage == 1
             else "MMEB-train subsets (JSONL or parquet, comma-separated) and --image-root"))
+    try:
+        return read_rows(args)
+    except (OSError, ValueError) as e:  # the message names the file and row
+        raise SystemExit(f"error: {e}") from None
+
+
+def read_rows(args):
     if args.stage == 1:
         rows = data.read_nli(args.data)
         if args.hard_negatives and any("hard_neg" not in r for r in rows):

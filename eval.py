@@ -237,12 +237,11 @@ def load_for_eval(path, device="cpu", dtype="auto", trust_remote_code=False, fam
 
 # ---------------------------------------------------------------- the benchmarks
 
-def run_mmeb(paths, image_root, embed):
-    """Table 1: hit@1 per MMEB-eval subset (file stem = dataset name), with group means.
-    Each distinct input is embedded once: candidates repeat across rows."""
+def run_mmeb(datasets, embed):
+    """Table 1: hit@1 per MMEB-eval subset {path: read_mmeb_eval rows} (file stem = dataset
+    name), with group means. Each distinct input is embedded once: candidates repeat."""
     scores = {}
-    for path in paths:
-        rows = data.read_mmeb_eval(path, image_root)
+    for path, rows in datasets.items():
         inputs = [r["qry"] for r in rows] + [t for r in rows for t in r["tgt"]]
         order = {}
         index = [order.setdefault(x, len(order)) for x in inputs]
@@ -253,22 +252,22 @@ def run_mmeb(paths, image_root, embed):
     return scores, group_means(scores)
 
 
-def run_retrieval(paths, image_root, embed, max_captions=None, limit=None):
-    """Table 2 (left): Recall@1/5/10 text->image and image->text per caption set."""
+def run_retrieval(datasets, embed):
+    """Table 2 (left): Recall@1/5/10 text->image and image->text per caption set {path:
+    read_caption_set's (images, captions, owner)}."""
     scores = {}
-    for path in paths:
-        images, captions, owner = data.read_caption_set(path, image_root, max_captions, limit)
+    for path, (images, captions, owner) in datasets.items():
         recall = recall_at_k(embed([(c, None, None) for c in captions]),
                              embed([(None, p, None) for p in images]), owner)
         scores[dataset_name(path)] = {k: 100 * v for k, v in recall.items()}
     return scores, {}
 
 
-def run_sugarcrepe(paths, image_root, embed):
-    """Table 2 (right): accuracy per SugarCrepe split, and the Replace / Swap / Add means."""
+def run_sugarcrepe(datasets, embed):
+    """Table 2 (right): accuracy per SugarCrepe split {path: read_sugarcrepe rows}, and the
+    Replace / Swap / Add means."""
     scores = {}
-    for path in paths:
-        rows = data.read_sugarcrepe(path, image_root)
+    for path, rows in datasets.items():
         image, pos, neg = (embed([(None, r[0], None) for r in rows]),
                            embed([(r[1], None, None) for r in rows]),
                            embed([(r[2], None, None) for r in rows]))
@@ -335,18 +334,22 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    read, run = {"mmeb": (lambda p: data.read_mmeb_eval(p, args.image_root), run_mmeb),
+                 "retrieval": (lambda p: data.read_caption_set(p, args.image_root,
+                                                               args.max_captions, args.limit),
+                               run_retrieval),
+                 "sugarcrepe": (lambda p: data.read_sugarcrepe(p, args.image_root),
+                                run_sugarcrepe)}[args.task]
+    try:  # every dataset read and its images checked once, before any model loads
+        datasets = {path: read(path) for path in args.data}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     results = {}
     for path in args.model:
         embed = load_for_eval(path, args.device, args.dtype, args.trust_remote_code, args.family,
                               args.batch_size, args.stage1_sum, args.cache_dir or None,
                               args.task == "mmeb", args.image_size)
-        if args.task == "mmeb":
-            scores, groups = run_mmeb(args.data, args.image_root, embed)
-        elif args.task == "retrieval":
-            scores, groups = run_retrieval(args.data, args.image_root, embed, args.max_captions,
-                                           args.limit)
-        else:
-            scores, groups = run_sugarcrepe(args.data, args.image_root, embed)
+        scores, groups = run(datasets, embed)
         first = next(iter(scores.values()))
         columns = list(first) if isinstance(first, dict) else ["score"]
         rows = [(name, *(s.values() if isinstance(s, dict) else [s])) for name, s in scores.items()]

@@ -163,6 +163,29 @@ def test_load_image_gives_rgb_for_every_mode_and_scales_16_bit():
         (255, 255, 255)
 
 
+def test_bad_data_stops_train_and_eval_in_one_line_before_any_model_loads(tmp_path,
+                                                                          monkeypatch):
+    save_images(tmp_path, ["a.png"])
+    truncated_jpeg(tmp_path / "cut.jpg")
+    write_jsonl(tmp_path / "t.jsonl", [{"qry": "q", "qry_image_path": "cut.jpg",
+                                        "pos_text": "x", "pos_image_path": ""}])
+    monkeypatch.setattr(M, "load_embedder", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit, match=r"^error: .*t.jsonl, row 1: image .*cut.jpg cannot "
+                                         r"be decoded"):
+        train.main(["--stage", "2", "--model", "m", "--data", str(tmp_path / "t.jsonl"),
+                    "--image-root", str(tmp_path), "--out", str(tmp_path / "run")])
+    write_jsonl(tmp_path / "VOC2007.jsonl", [{"qry_text": "q", "qry_img_path": "a.png",
+                                              "tgt_text": ["x"], "tgt_img_path": [""]}])
+    write_jsonl(tmp_path / "CIRR.jsonl", [{"qry_text": "q", "qry_img_path": "cut.jpg",
+                                           "tgt_text": ["x"], "tgt_img_path": [""]}])
+    monkeypatch.setattr(ev, "load_for_eval", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit, match=r"^error: .*CIRR.jsonl, row 1: image .*cut.jpg"):
+        ev.main(["--task", "mmeb", "--data", str(tmp_path / "VOC2007.jsonl"),
+                 str(tmp_path / "CIRR.jsonl"), "--image-root", str(tmp_path), "--model", "m",
+                 "--out", str(tmp_path / "r.json")])
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "r.json")
+
+
 def test_text_files_with_a_bom_are_read_and_other_encodings_named(tmp_path):
     (tmp_path / "bom.csv").write_bytes("sent0,sent1\ncafé,a café\n".encode("utf-8-sig"))
     assert data.read_nli(str(tmp_path / "bom.csv")) == [{"sent0": "café", "sent1": "a café"}]
@@ -421,6 +444,21 @@ def test_a_full_disk_mid_run_names_the_file_and_the_run_resumes_exactly(shared, 
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert [json.loads(x)["loss"] for x in open(run / "log.jsonl")] == \
         [json.loads(x)["loss"] for x in open(tmp_path / "straight" / "log.jsonl")]
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_write_its_output(shared,
+                                                                            tiny_path,
+                                                                            tmp_path):
+    run = tmp_path / "run"
+    stage1(shared, tiny_path, run)
+    final = torch.load(run / "adapter.pt", weights_only=True)
+    for name in ("unime.json", "adapter.pt"):  # as if killed right after the checkpoint
+        os.remove(run / name)
+    with pytest.raises(SystemExit, match="unfinished training run"):
+        M.load_embedder(str(run))
+    stage1(shared, tiny_path, run, "--resume")
+    again = torch.load(run / "adapter.pt", weights_only=True)
+    assert M.read_stage_meta(run) and all(torch.equal(final[k], again[k]) for k in final)
 
 
 def test_teacher_cache_survives_a_crash_and_a_full_disk_and_a_bad_one_is_refused_early(
