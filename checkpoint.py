@@ -50,7 +50,8 @@ def read(out, config):
         made = ckpt["config"]
     except Exception as e:
         raise SystemExit(f"--resume: {path} is not a checkpoint of train.py "
-                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                         f"({type(e).__name__}): damaged, or holding objects other than "
+                         f"tensors and plain values (those are never unpickled)") from None
     differ = [k for k in sorted(set(config) | set(made)) if config.get(k) != made.get(k)]
     if differ:
         k = differ[0]

@@ -109,8 +109,8 @@ def load_teacher_cache(path, texts, teacher, pooling):
         cache = torch.load(path, map_location="cpu", weights_only=True)
         made = (cache["teacher"], cache["pooling"], cache["texts_hash"])
     except Exception as e:  # a torn, foreign or older file
-        raise ValueError(f"{path}: not a teacher cache of this code ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0]}); delete it to recompute") from None
+        raise ValueError(f"{path}: not a teacher cache of this code ({type(e).__name__}); "
+                         f"delete it to recompute") from None
     if made[:2] != (teacher, pooling):
         raise ValueError(f"{path}: teacher cache was made by {made[0]!r} with {made[1]!r} "
                          f"pooling, not {teacher!r} with {pooling!r}; delete it or point "
