@@ -320,6 +320,23 @@ def test_gradcache_without_dropout_equals_unchunked_batch(tiny_path):
         assert torch.allclose(p.grad, r, atol=1e-6, rtol=1e-4)
 
 
+def test_gradcache_leaves_every_chunk_where_it_was(tiny_path):
+    """Inputs stay on the host between their chunk's forwards: a processor output's .to() moves
+    its own tensors, so moving the chunk itself would keep every chunk of the step on the GPU
+    until the step ends (memory growing with the batch, not the chunk)."""
+    texts = [shapes.caption(s) for s in shapes.split_scenes(0)["test"][:6]]
+    teacher = unit(6, 5, seed=22).float()
+    model, processor, family = adapted_tiny(tiny_path, dropout=0.0)
+    sides = {"a": text_chunks(processor, family, texts[:3], 2),
+             "p": text_chunks(processor, family, texts[3:], 2)}
+    chunks = [c for cs in sides.values() for _, c in cs]
+    held = [(c.data, dict(c)) for c in chunks]
+    train.gradcache_step(model, sides, lambda reps: (distill.kd_loss(
+        reps["a"], reps["p"], teacher[:3], teacher[3:], 0.05), {}), "cpu", None)
+    for c, (data, tensors) in zip(chunks, held):
+        assert c.data is data and all(c[k] is v for k, v in tensors.items())
+
+
 def test_gradcache_with_images_and_lora_dropout_matches_full_batch(tiny_path):
     """A stage-2 batch as train.py builds it: mixed text and image sides, split into chunks
     of one modality and put back in row order, LoRA dropout on the vision tower too."""

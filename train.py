@@ -102,9 +102,11 @@ def gradcache_step(model, sides, loss_fn, device, amp):
     """One large-batch step whose memory follows the chunk (Gao et al. 2021). sides: {name:
     [(row positions, processed chunk), ...]}; loss_fn({name: (n, d)}) -> (loss, stats). Leaves
     in .grad exactly the parameter gradients of one full-batch step."""
-    def forward(chunk):
+    def forward(chunk):  # a copy on the device: a processor output's .to() would move the
+        # chunk itself, and every chunk of the step would then stay on the device to its end
         with M.autocast(device, amp):
-            return M.embed(model, {k: v.to(device, non_blocking=True) for k, v in chunk.items()})
+            return M.embed(model, {k: v.to(device, non_blocking=True) if torch.is_tensor(v)
+                                   else v for k, v in chunk.items()})
 
     def rng_state():
         return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
