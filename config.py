@@ -128,7 +128,8 @@ def parse_args(argv=None):
     a("--tau", type=float, help="temperature: stage 1 0.05 (paper: not given), stage 2 0.02")
     a("--save-every", type=int, help="checkpoint every N steps (default: at the end)")
     a("--log-every", type=int, default=25)
-    a("--workers", type=int, default=1, help="processes preparing the next batches")
+    a("--workers", type=int, help="processes preparing the next steps' inputs (default: 2 "
+                                   "on a GPU; 0 on the CPU, whose cores the model computes on)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 frozen weights and bf16 autocast on CUDA, fp32 on the CPU")
@@ -243,6 +244,8 @@ def finish_args(args, source):
     if args.epochs is not None:
         args.max_steps = int(args.epochs * (source["n_rows"] // args.batch_size))
     args.save_every = args.save_every or args.max_steps
+    if args.workers is None:  # bench.py: on the CPU, workers only take the model's cores
+        args.workers = 2 if torch.device(args.device).type == "cuda" else 0
     if args.eval_pairs < 0:
         raise SystemExit(f"--eval-pairs must be 0 or more, got {args.eval_pairs}")
     for name in ("max_steps", "batch_size", "chunk_size", "save_every", "log_every", "k"):

@@ -317,6 +317,7 @@ def train(args, source):
         batches = iter(torch.utils.data.DataLoader(
             StepBatches(args, source, processor, family, rank, world), batch_size=None,
             sampler=range(start, args.max_steps), num_workers=args.workers,
+            prefetch_factor=1 if args.workers else None,  # an item is a whole step: 1 ahead each
             pin_memory=torch.device(device).type == "cuda",
             generator=torch.Generator()))  # its own: the global RNG (dropout) stays untouched
         log = checkpoint.open_log(args.out, start) if main_rank else None
@@ -325,7 +326,9 @@ def train(args, source):
             lr = lr_at(step, args.lr, args.warmup, args.max_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
+            waited = time.time()
             batch = next(batches)  # this rank's rows of the global batch, processed per chunk
+            waited = time.time() - waited  # > 0: the step waited for its inputs (--workers)
             if args.stage == 1:  # the teacher's embeddings of the same sentences, by row id
                 targets = {k: teacher[ids[batch["ids"]].to(device)]
                            for k, ids in teacher_rows.items()}
@@ -345,6 +348,7 @@ def train(args, source):
             rate = (step + 1 - start) * args.batch_size / (time.time() - t0)
             record = {"step": step + 1, "loss": round(loss, 5), "lr": lr,
                       "grad_norm": round(grad_norm, 5), "samples_per_s": round(rate, 1),
+                      "input_wait_s": round(waited, 3),
                       **{k: round(v, 4) for k, v in stats.items()}}
             if args.stage == 2:
                 history.append(record)
