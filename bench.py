@@ -1,0 +1,261 @@
+"""Speed and memory: what GradCache, the embedding path, a training step and scoring cost.
+
+    python bench.py                       # 2 CPU cores: minutes -> a markdown table, bench.json
+    python bench.py --quick               # every section at toy sizes (a smoke run)
+    python bench.py --gpu --seconds 300   # one GPU: stage 2 at batch 1,024, Qwen2-VL-2B size
+
+Every figure is a ratio or a curve measured within one run (what is compared runs in turns), so
+it holds on a noisy machine. Models are built from their config with random weights (speed and
+memory do not depend on what a model learned), except the toy: the shipped assets/toy-mllm.
+Peak memory on the CPU is every tensor allocation and free the profiler records, summed in time
+order, above what existed before: the tensors a GPU would hold (gradients, activations and the
+saved graph, embeddings). Peak RSS would mix in Python objects, images and the allocator's
+cache, and never goes down within a process.
+"""
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py (see there)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import bench_step  # noqa: E402
+import distill  # noqa: E402
+import model as M  # noqa: E402
+import shapes  # noqa: E402
+import toy  # noqa: E402
+import train  # noqa: E402
+
+SIZES = {  # (full run, --quick)
+    "gc": ((384, 32, 8, 2), (64, 8, 4, 1)),  # time: width, batch, chunk, repeats
+    "curve": ((128, (64, 256, 1024), 16), (32, (8, 16, 32), 4)),  # memory: width, batches, chunk
+    "embed": ((1536, 2, 2, 256), (64, 1, 1, 32)),  # width, layers, rows, tokens
+    "toy": ((6, 2), (1, 1)), "real": ((1, 1), (1, 1)),  # steps, rounds per workers setting
+    "real_batch": ((8, 4), (4, 4)), "scoring": ((1_000, 10_000, 100_000), (1_000, 3_000))}
+
+
+# ---------------------------------------------------------------- measuring
+
+def peak_memory(fn):
+    """(fn(), peak bytes of CPU tensors allocated while fn ran, above those before it)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        out = fn()
+    now = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results
+                            .events() if e.name() == "[memory]"):
+        now += nbytes
+        peak = max(peak, now)
+    return out, peak
+
+
+def alternate(fns, repeat, warm=True):
+    """Median seconds of each function, run in turns (a, b, a, b, ...) so that a change of load
+    hits all alike; after one unmeasured round if `warm`."""
+    times = {name: [] for name in fns}
+    for r in range(repeat + warm):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name] += [time.perf_counter() - t] if r or not warm else []
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def mb(nbytes):
+    return round(nbytes / 2**20, 1)
+
+
+# ---------------------------------------------------------------- GradCache (§4.1)
+
+def gradcache_setup(path, lora, n, chunk):
+    """A model (LoRA r16, or every weight trainable) and n stage-1 pairs -> (model, chunks,
+    grads(step): a step's flat gradients from zero, plain step, GradCache step)."""
+    model, processor, family = M.load_embedder(path)
+    if lora:
+        M.inject_lora(model, r=16, alpha=32, dropout=0.0)
+    else:
+        model.requires_grad_(True)
+    params = [p for p in model.train().parameters() if p.requires_grad]
+    pairs = toy.text_pairs(shapes.split_scenes(0)["train"], n, seed=0)
+    texts = {k: [r[k] for r in pairs] for k in train.SIDES[1]}
+    chunks = {k: [(list(range(a, min(a + chunk, n))), M.process(
+        processor, family, texts=t[a:a + chunk])) for a in range(0, n, chunk)]
+        for k, t in texts.items()}
+    whole = {k: M.process(processor, family, texts=t) for k, t in texts.items()}
+    teacher = F.normalize(torch.randn(2, n, 384, generator=torch.Generator().manual_seed(0)), dim=2)
+    loss_fn = lambda reps: (distill.kd_loss(*reps.values(), *teacher, 0.05), {})  # noqa: E731
+
+    def grads(step):
+        model.zero_grad(set_to_none=True)
+        step()
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          for p in params])
+
+    def plain():  # the whole batch in one forward with a graph, padded to its longest row
+        loss_fn({k: M.embed(model, b) for k, b in whole.items()})[0].backward()
+    return model, chunks, grads, plain, lambda: train.gradcache_step(
+        model, chunks, loss_fn, "cpu", None)
+
+
+def gradcache_cost(s, tmp):
+    """GradCache's step time over a plain full-batch step's (LoRA and full fine-tuning) and over
+    its own less the cache pass; its gradients against the plain step's (fp32, no dropout);
+    peak memory against the batch."""
+    (w, n, chunk, repeat), (cw, batches, cchunk) = s["gc"], s["curve"]
+
+    def path(w):  # a LLaVA with a 2-layer decoder w wide (its vision tower does not run on text)
+        return bench_step.build_llava(os.path.join(tmp, str(w)), bench_step.SMALL[0], dict(
+            hidden_size=w, intermediate_size=3 * w, num_attention_heads=8, num_key_value_heads=8),
+            32, 8, layers=2)
+    out, rows = {"model": f"LLaVA, 2-layer Qwen2 decoder {w} wide, text pairs"}, []
+    gc_path = path(w)
+    for kind, ideal in (("lora", 1.5), ("full", 1.33)):
+        model, chunks, grads, plain, cached = gradcache_setup(gc_path, kind == "lora", n, chunk)
+
+        def cache_pass():  # GradCache's extra work: every chunk once more, without a graph
+            with torch.no_grad():
+                [M.embed(model, c) for side in chunks.values() for _, c in side]
+        t = alternate({"plain": lambda: grads(plain), "gradcache": lambda: grads(cached),
+                       "cache": cache_pass}, repeat)
+        ref, got = grads(plain), grads(cached)
+        g = out[kind] = {"batch": n, "chunk": chunk, **{f"{k}_s": v for k, v in t.items()},
+                         "vs_plain": t["gradcache"] / t["plain"],
+                         "vs_without_cache_pass": t["gradcache"] / (t["gradcache"] - t["cache"]),
+                         "grad_max_abs_diff": float((got - ref).abs().max()),
+                         "grad_max_abs": float(ref.abs().max())}
+        rows += [(f"GradCache step time, {kind}, batch {n}, chunks of {chunk}",
+                  f"{g['vs_plain']:.2f}x a plain step; {g['vs_without_cache_pass']:.2f}x itself "
+                  "without the cache pass", f"~{ideal}x: one extra forward"),
+                 (f"GradCache gradients vs the plain step's, {kind}", f"max diff "
+                  f"{g['grad_max_abs_diff']:.0e} (largest {g['grad_max_abs']:.0e})", "~1e-6")]
+    curve, curve_path = [], path(cw)
+    for i, b in enumerate(batches):
+        model, chunks, grads, plain, cached = gradcache_setup(curve_path, True, b, cchunk)
+        if i == 0:  # one chunk's forward and backward with a graph: GradCache's floor
+            one = mb(peak_memory(lambda: grads(lambda: M.embed(model, chunks["sent0"][0][1])
+                                               .sum().backward()))[1])
+        c = {"batch": b, "gradcache_mb": mb(peak_memory(lambda: grads(cached))[1]),
+             "plain_mb": mb(peak_memory(lambda: grads(plain))[1]) if i < 2 else None,
+             "embeddings_mb": mb(2 * 2 * b * cw * 4),  # two sides, values and gradients
+             "loss_matrix_mb": mb(b * b * 4)}  # one (n, n) similarity matrix of the loss
+        curve.append(c)
+        rows.append((f"peak memory, batch {b} ({cw} wide, LoRA, chunks of {cchunk})", f"GradCache"
+                     f" {c['gradcache_mb']} MB" + (f", plain {c['plain_mb']} MB" if i < 2 else ""),
+                     f"one chunk's {one} MB + embeddings {c['embeddings_mb']} MB + the loss's "
+                     f"(n, n) matrices, {c['loss_matrix_mb']} MB each"))
+    out["memory"] = {"width": cw, "chunk": cchunk, "one_chunk_mb": one, "curve": curve}
+    return out, rows
+
+
+# ---------------------------------------------------------------- the embedding path (§3.1)
+
+def embedding_path(s):
+    """The base model's last hidden state (model.embed) against the full model with
+    output_hidden_states=True (the official code's path), which also makes (n, L, V) logits."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    width, layers, n, length = s["embed"]
+    text = {k: v for k, v in bench_step.QWEN2_VL_2B["text"].items() if k != "rope_parameters"}
+    if width != text["hidden_size"]:  # --quick
+        text.update(hidden_size=width, intermediate_size=2 * width, num_attention_heads=4)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**text, "num_hidden_layers": layers},
+                                         tie_word_embeddings=True)).eval()
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[0, :length // 4] = 0  # left padding on one row
+    batch = {"input_ids": torch.randint(0, text["vocab_size"], (n, length)), "attention_mask": mask}
+    ours = lambda: M.embed(model, batch)  # noqa: E731
+    official = lambda: F.normalize(M.last_token_pool(model(  # noqa: E731
+        **batch, output_hidden_states=True, use_cache=False).hidden_states[-1], mask), dim=-1)
+    with torch.no_grad():
+        t = alternate({"ours": ours, "official": official}, 1, warm=False)
+        (a, ours_peak), (b, official_peak) = peak_memory(ours), peak_memory(official)
+    per_layer, head = t["ours"] / layers, t["official"] - t["ours"]  # seconds
+    e = {"config": f"Qwen2-VL-2B's text config, {layers} of 28 layers, {n} x {length} tokens",
+         "ours_s": t["ours"], "official_s": t["official"], "ours_mb": mb(ours_peak),
+         "official_mb": mb(official_peak), "logits_mb": mb(n * length * text["vocab_size"] * 4),
+         "max_abs_diff": float((a - b).abs().max()),  # computed from the two times, not measured:
+         "official_over_ours_at_28_layers": (28 * per_layer + head) / (28 * per_layer)}
+    return e, [(f"embedding, {e['config']}, no grad", f"last hidden state {e['ours_s']:.2f} s, "
+                f"{e['ours_mb']} MB; output_hidden_states {e['official_s']:.2f} s, "
+                f"{e['official_mb']} MB", f"same vectors (max diff {e['max_abs_diff']:.0e}); "
+                f"the logits are {e['logits_mb']} MB; at 28 layers ~"
+                f"{e['official_over_ours_at_28_layers']:.2f}x the time (computed)")]
+
+
+# ---------------------------------------------------------------- scoring
+
+def topk(queries, candidates, k=10, chunk=16384):
+    """Each query's k best candidates by cosine, streaming the candidates in chunks with a
+    running top k: memory is (queries, chunk) scores, never (queries, candidates)."""
+    best = torch.full((len(queries), k), -float("inf")), torch.zeros(len(queries), k).long()
+    for a in range(0, len(candidates), chunk):
+        top = (queries @ candidates[a:a + chunk].T).topk(min(k, len(candidates) - a), dim=1)
+        values = torch.cat([best[0], top.values], 1)
+        index = torch.cat([best[1], top.indices + a], 1)
+        keep = values.topk(k, dim=1).indices
+        best = values.gather(1, keep), index.gather(1, keep)
+    return best
+
+
+def scoring(s, n_queries=1000, d=1536):
+    """Time and peak memory to rank candidates for 1k queries (d: Qwen2-VL-2B's width); 1M is
+    extrapolated from the largest measured: time is linear in candidates, memory flat."""
+    g = torch.Generator().manual_seed(0)
+    queries, out = F.normalize(torch.randn(n_queries, d, generator=g), dim=-1), []
+    for n in s["scoring"]:
+        cands = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+        t = alternate({"topk": lambda: topk(queries, cands)}, 1, warm=False)["topk"]
+        out.append({"candidates": n, "seconds": t, "peak_mb": mb(peak_memory(
+            lambda: topk(queries, cands))[1]), "candidates_mb": mb(cands.numel() * 4)})
+    out.append({"candidates": 1_000_000, "extrapolated": True, "seconds": t * 1e6 / n,
+                "peak_mb": out[-1]["peak_mb"], "candidates_mb": mb(1e6 * d * 4)})
+    return out, [(f"top 10 of {r['candidates']:,} candidates for {n_queries:,} queries, d {d}" + (
+        " (EXTRAPOLATED)" if r.get("extrapolated") else ""), f"{r['seconds']:.2f} s, "
+        f"{r['peak_mb']} MB", f"plus the candidates' {r['candidates_mb']} MB") for r in out]
+
+
+# ---------------------------------------------------------------- the report
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="every section at toy sizes")
+    p.add_argument("--gpu", action="store_true", help="only stage 2 at batch 1,024 on one GPU")
+    p.add_argument("--seconds", type=float, default=300, help="--gpu: keep stepping this long")
+    p.add_argument("--peak-tflops", type=float, help="--gpu: the card's dense bf16 peak")
+    p.add_argument("--out", default="bench.json")
+    a = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader's workers tokenize
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's log lines, one per call
+    s, table, t0 = {k: v[a.quick] for k, v in SIZES.items()}, [], time.time()
+    cpu = [x.split(":")[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")] \
+        if os.path.exists("/proc/cpuinfo") else [None]
+    r = {"machine": {"cpu": cpu[0], "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                     "torch": torch.__version__, "load_before": os.getloadavg()}}
+    if a.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA GPU (--quick runs its code on the CPU, at toy size)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, run in [("gpu", lambda: bench_step.gpu_stage2("cuda", a.seconds, peak_flops=(
+                a.peak_tflops or 0) * 1e12 or None))] if a.gpu else [
+                ("gradcache", lambda: gradcache_cost(s, tmp)),
+                ("embedding_path", lambda: embedding_path(s)),
+                ("throughput", lambda: zip(*bench_step.throughputs(s, tmp, a.quick))),
+                ("scoring", lambda: scoring(s))]:
+            r[name], rows = run()
+            table += sum(rows, []) if name == "throughput" else rows
+            print(f"{name}: done at {time.time() - t0:.0f} s", flush=True)
+    if a.quick:  # the GPU figure's code, on the CPU at toy size
+        r["gpu_code_path"] = bench_step.gpu_stage2("cpu", 0, bench_step.TINY, 8, 4)[0]
+    r["machine"].update(load_after=os.getloadavg(), seconds=time.time() - t0)
+    print("\nfigure | measured | ideal / note\n---|---|---")
+    print("\n".join(" | ".join(row) for row in table))
+    M.save_atomic(a.out, json.dumps(r, indent=1))
+    return r
+
+
+if __name__ == "__main__":
+    main()
