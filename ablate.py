@@ -218,7 +218,7 @@ def main(argv=None):
     print(f"\n{args.table}: seeds {args.seeds}, stage-2 {args.steps} steps of batch "
           f"{args.batch_size}, stage-1 {args.stage1_steps} steps"
           + (f", {DUPLICATES:.0%} of each batch's rows duplicated" if args.table == "beta"
-             else "") + f"; mean ± standard deviation over seeds, in %\n")
+             else "") + "; mean ± standard deviation over seeds, in %\n")
     print(means + "\n\n" + diffs + "\n\n* larger than the spread (the two standard deviations "
           f"added)\nwall time {wall / 60:.1f} min (runs reused from an earlier call count 0)")
     M.save_atomic(os.path.join(args.root, f"{args.table}.json"), json.dumps({

@@ -11,6 +11,7 @@ import bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
 def test_bench_quick_runs_every_section_and_writes_its_figures(tmp_path):
     """`python bench.py --quick`: every section at toy sizes, and the GPU figure's code on the
     CPU; the JSON holds what the README's speed table is made from."""
