@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import bench_step  # noqa: E402
 import distill  # noqa: E402
+import families  # noqa: E402
 import model as M  # noqa: E402
 import shapes  # noqa: E402
 import toy  # noqa: E402
@@ -76,7 +77,7 @@ def gradcache_setup(path, lora, n, chunk):
     grads(step): a step's flat gradients from zero, plain step, GradCache step)."""
     model, processor, family = M.load_embedder(path)
     if lora:
-        M.inject_lora(model, r=16, alpha=32, dropout=0.0)
+        M.inject_lora(model, families.lora_targets(model, family), r=16, alpha=32, dropout=0.0)
     else:
         model.requires_grad_(True)
     params = [p for p in model.train().parameters() if p.requires_grad]

@@ -26,6 +26,7 @@ from PIL import Image
 
 import config
 import data
+import families
 import hardneg
 import model as M
 import shapes
@@ -138,7 +139,7 @@ def throughput(name, args, source, steps, rounds, workers=(0, 1, 2)):
     """Samples/s and tokens/s of a stage, where a step's time goes (workers=0), and step time
     and loader wait with 0, 1, 2 workers preparing the next steps, in alternating rounds."""
     model, processor, family = M.load_embedder(args.model)
-    train.add_trainable(model, args)
+    train.add_trainable(model, family, args)
     clock, runs = {}, {w: [] for w in workers}
     with mock.patch.object(data, "load_image", timed(clock, "decode", data.load_image)), \
             mock.patch.object(M, "process", timed(clock, "processor", M.process)), \
@@ -181,9 +182,10 @@ def throughputs(s, tmp, quick):
         n = s["real_batch"][stage - 1]
         source = {"n_rows": len(rows), "rows": lambda ids, rows=rows: [rows[i] for i in ids],
                   "heldout": [], "report": None}
+        size = ["--image-size", str((SMALL if quick else REAL)[2])] if stage == 2 else []
         args = config.parse_args(["--stage", str(stage), "--model", real, "--batch-size", str(n),
-                                  "--chunk-size", str(n // 2), "--image-size",
-                                  str((SMALL if quick else REAL)[2])])
+                                  "--chunk-size", str(n // 2), "--out",
+                                  os.path.join(tmp, f"out{stage}"), *size])
         runs.append(("real-width LLaVA", config.finish_args(args, source), source, *s["real"]))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # exchange
     out = [throughput(*run) for run in runs]
@@ -207,7 +209,8 @@ def gpu_stage2(device, seconds, spec=QWEN2_VL_2B, batch=1024, chunk=32, peak_flo
     lm = model.model.language_model
     n_vision = M.count_parameters(model.model.visual)
     n_lm = M.count_parameters(lm) - lm.embed_tokens.weight.numel()
-    M.inject_lora(model, r=16, alpha=64, dropout=0.1, include_vision=True)
+    M.inject_lora(model, families.lora_targets(model, "qwen2_vl", include_vision=True), r=16,
+                  alpha=64, dropout=0.1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     v = spec["vision"]
     grid = 336 // v["patch_size"]

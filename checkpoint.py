@@ -151,9 +151,17 @@ def claimed(args):
     """claim() --out for the duration of the run; the lock goes when it ends, however."""
     lock = claim(args)
     try:
-        yield
+        yield lock
     finally:
         release(lock)
+
+
+def close_in_worker(lock, worker_id=None):
+    """A DataLoader worker is forked holding the run's lock file open, and an flock lasts while
+    any process holds it: a worker outliving its killed run (up to its 5 s watchdog) would
+    keep --out locked. Each worker closes its own copy (the run keeps its lock)."""
+    if lock is not None:
+        lock.close()
 
 
 def open_log(out, start):

@@ -61,6 +61,20 @@ def missing_model(name, error, what="model"):
             f"remote-code models also need --trust-remote-code.")
 
 
+def require_model(path, trust_remote_code=False):
+    """Fail in one line, before any long work, when the model at `path` (for a LoRA stage
+    output: the model its chain starts from) cannot be found: reads its config only."""
+    from transformers import AutoConfig
+    meta = read_stage_meta(path)
+    while meta is not None and meta["lora"]:
+        path = stage_init(path, meta)
+        meta = read_stage_meta(path)
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(missing_model(path, e)) from None
+
+
 def precision(device, dtype="auto"):
     """The one place that decides precision -> (dtype of the frozen weights, autocast dtype or
     None). auto: bf16 weights and bf16 autocast on CUDA (the paper trains in BF16), fp32 on the

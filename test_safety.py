@@ -204,9 +204,10 @@ def shared(tmp_path_factory):
 
 
 def stage1(shared, model, out, *extra):
-    """A two-step stage-1 run on the tiny model (seconds)."""
+    """A two-step stage-1 run on the tiny model (seconds); --epochs replaces --max-steps."""
+    length = [] if "--epochs" in extra else ["--max-steps", "2"]
     return train.main(["--stage", "1", "--model", str(model), "--data", shared["nli"], "--out",
-                       str(out), "--max-steps", "2", "--batch-size", "16", "--chunk-size", "8",
+                       str(out), *length, "--batch-size", "16", "--chunk-size", "8",
                        "--teacher", "all-MiniLM-L6-v2", "--teacher-cache", shared["cache"],
                        "--workers", "0", *extra])
 
@@ -363,8 +364,8 @@ def test_remote_code_only_from_the_command_line(shared, tiny_path, tmp_path, mon
     (tmp_path / "s1" / "unime.json").write_text(json.dumps({**meta, "trust_remote_code": True}))
     asked = []
     real = M.load_mllm
-    monkeypatch.setattr(M, "load_mllm", lambda path, dtype, device, trust, family:
-                        asked.append(trust) or real(path, dtype, device, trust, family))
+    monkeypatch.setattr(M, "load_mllm", lambda path, dtype, device, trust, *rest:
+                        asked.append(trust) or real(path, dtype, device, trust, *rest))
     M.load_embedder(str(tmp_path / "s1"))
     M.load_embedder(str(tmp_path / "s1"), trust_remote_code=True)
     assert asked == [False, True]
@@ -629,7 +630,7 @@ def test_an_anisotropic_but_healthy_stage2_run_is_not_stopped(pretrained_path, t
                                        for r in rows])
     common, embed = F.normalize(torch.ones(64), dim=0), M.embed
     monkeypatch.setattr(M, "embed", lambda model, batch:
-                        F.normalize(embed(model, batch) + 6 * common, dim=-1))
+                        F.normalize(embed(model, batch) + 5 * common, dim=-1))
     monkeypatch.setattr(train, "collapse_guard", functools.partial(train.collapse_guard,
                                                                    window=10))
     train.main(["--stage", "2", "--model", pretrained_path, "--data", str(tmp_path / "t.jsonl"),

@@ -9,6 +9,7 @@ file (stage 1) or MMEB-train subsets (stage 2); --preset paper sets the paper's 
 (§4.1, Table 6). Several GPUs: the same command under torchrun; --batch-size stays global.
 """
 import contextlib
+import functools
 import json
 import math
 import os
@@ -294,11 +295,12 @@ def train(args, source):
         raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over the "
                          f"{world} processes")
     main_rank = rank == 0
-    with checkpoint.claimed(args) if main_rank else contextlib.nullcontext():
+    with checkpoint.claimed(args) if main_rank else contextlib.nullcontext() as lock:
         weights, amp = M.precision(device, args.dtype)
         report = source["report"]
         if args.stage == 1:  # first: a bad cache fails in seconds, and the teacher's memory
-            teacher, index, teacher_rows = teacher_targets(args, source, device)  # is freed
+            M.require_model(args.model, args.trust_remote_code)  # is freed before the student
+            teacher, index, teacher_rows = teacher_targets(args, source, device)  # loads
             if source["heldout"]:
                 report = teacher_report(teacher, index, source["heldout"], device, amp)
         model, processor, family = M.load_embedder(args.model, device, weights,
@@ -319,6 +321,7 @@ def train(args, source):
             sampler=range(start, args.max_steps), num_workers=args.workers,
             prefetch_factor=1 if args.workers else None,  # an item is a whole step: 1 ahead each
             pin_memory=torch.device(device).type == "cuda",
+            worker_init_fn=functools.partial(checkpoint.close_in_worker, lock),
             generator=torch.Generator()))  # its own: the global RNG (dropout) stays untouched
         log = checkpoint.open_log(args.out, start) if main_rank else None
         history, t0 = [], time.time()
