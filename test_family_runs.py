@@ -100,6 +100,7 @@ def test_stage1_stage2_and_mmeb_eval_by_path(name, paper_data, tmp_path, monkeyp
             assert path == PHI_STAND_IN
             return (*tiny_phi3_v.build_phi3_v(), "phi3_v")
         monkeypatch.setattr(M, "load_mllm", load_stand_in)
+        monkeypatch.setattr(M, "require_model", lambda *a: None)  # no config to look up
         model = PHI_STAND_IN
     else:
         model = build_checkpoint(name, tmp_path)
