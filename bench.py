@@ -19,17 +19,16 @@ import statistics
 import tempfile
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py (see there)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-import bench_step  # noqa: E402
-import distill  # noqa: E402
-import families  # noqa: E402
-import model as M  # noqa: E402
-import shapes  # noqa: E402
-import toy  # noqa: E402
-import train  # noqa: E402
+import bench_step
+import distill
+import families
+import model as M
+import shapes
+import toy
+import train
 
 SIZES = {  # (full run, --quick)
     "gc": ((384, 32, 8, 2), (64, 8, 4, 1)),  # time: width, batch, chunk, repeats

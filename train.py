@@ -16,10 +16,7 @@ import os
 import random
 import time
 
-# OpenMP threads that wait for each other spin by default: on a CPU shared with other work (or
-# with this run's own loader workers) a step then took up to 60x longer; waiting threads sleep
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
+import torch
 import torch.distributed as dist
 
 import checkpoint
