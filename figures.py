@@ -6,7 +6,7 @@
 - Fig. 6 "what the embedding says in one word": the LM head's top-5 next tokens at the
   embedding position under the image prompt.
 
-    python figures.py --model runs/stage0 runs/stage1 runs/stage2 --logs runs/neg-*/log.jsonl
+    python figures.py --model assets/toy-mllm runs/stage1 runs/stage2 --logs runs/neg-*/log.jsonl
     python figures.py --model MODEL --captions coco_test.jsonl --image-root coco   # real data
 Models load exactly as in eval.py (--family, --trust-remote-code, --dtype).
 """
