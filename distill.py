@@ -6,6 +6,7 @@ and the student's embedding sizes need not match. Teacher embeddings are compute
 """
 import hashlib
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,27 @@ def unique_texts(rows, keys=("sent0", "sent1", "hard_neg")):
     return texts, index
 
 
+def teacher_targets(args, source, device):
+    """train.py's stage 1: the teacher's embeddings of every distinct sentence, computed offline once
+    (§3.2) and cached, and per side the teacher row of each data row (shuffle-safe)."""
+    keys = ("sent0", "sent1") + (("hard_neg",) if args.hard_negatives else ())
+    rows = source["rows"](range(source["n_rows"]))
+    texts, index = unique_texts(rows + source["heldout"], keys)
+    cache = args.teacher_cache or os.path.join("runs", "cache", "teacher-" + "-".join(
+        [args.teacher.replace("/", "_"), args.teacher_pooling,
+         texts_hash(texts)[:12]]) + ".pt")
+    t0 = time.time()
+    try:
+        teacher = teacher_embeddings(texts, args.teacher, cache, args.teacher_pooling,
+                                             device, args.trust_remote_code)
+    except ValueError as e:  # e.g. a cache of other texts, teacher or pooling, or not a cache
+        raise SystemExit(f"teacher {args.teacher}: {e}") from None
+    print(f"teacher embeddings: {len(texts)} texts, {teacher.shape[1]}-d, "
+          f"{time.time() - t0:.1f}s (cache {cache})", flush=True)
+    return teacher.to(device), index, {k: torch.tensor([index[r[k]] for r in rows])
+                                       for k in keys}
+
+
 # ---------------------------------------------------------------- how well the student agrees
 
 def _ranks(x):
@@ -168,3 +190,15 @@ def teacher_agreement(student_a, student_p, teacher_a, teacher_p):
     return {"spearman": spearman(s.flatten(), t.flatten()),
             "t2t_R@1": (s.argmax(1) == target).float().mean().item(),
             "teacher_t2t_R@1": (t.argmax(1) == target).float().mean().item()}
+
+
+def teacher_report(teacher, index, pairs, device, amp):
+    """Stage 1's held-out numbers: agreement with the teacher on pairs it never trained on."""
+    def report(model, processor, family):
+        def student(key):
+            return M.encode(model, processor, family, texts=[r[key] for r in pairs],
+                            device=device, amp=amp)
+        teacher_rows = lambda key: teacher[[index[r[key]] for r in pairs]].cpu()  # noqa: E731
+        return teacher_agreement(student("sent0"), student("sent1"),
+                                         teacher_rows("sent0"), teacher_rows("sent1"))
+    return report

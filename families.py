@@ -316,12 +316,13 @@ def load_processor(name_or_path, **kwargs):
         cls = getattr(transformers, str(config.get("processor_class")), None)
         if cls is None:  # remote code (Phi-3.5-V): its own image processor needs torchvision
             raise
-        processor = _images_only(cls).from_pretrained(name_or_path, **kwargs)
+        processor = images_only(cls).from_pretrained(name_or_path, **kwargs)
     _tokenizer(processor).padding_side = "left"
     return processor
 
 
-def _images_only(processor_class):
+def images_only(processor_class):
+    """The processor class without its video processor (which needs torchvision)."""
     class ImagesOnly(processor_class):
         @classmethod
         def get_attributes(cls):

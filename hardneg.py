@@ -9,6 +9,8 @@ Similarity matrices may be rectangular, (n_q, n_c) with n_c >= n_q: the positive
 candidate i, and columns n_q.. are extra candidates (e.g. explicit hard negatives from the data)
 that are negatives of every query.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -157,3 +159,24 @@ def hardness_weighted_loss(q, c, alpha=9.0, beta=None, tau=0.02, symmetric=False
     if not return_stats:
         return loss
     return loss, hardneg_stats(sim.detach(), sim.detach(), valid, beta)
+
+
+# ---------------------------------------------------------------- when Eq. 4 collapses
+
+def collapse_guard(history, k, window=50):
+    """Stop a run whose embeddings have collapsed to one vector: over the last `window` steps
+    the positive is no better than unrelated pairs and the loss sits at ln(k+1), where every
+    logit is equal. Anisotropy alone (unrelated pairs at cosine 0.9, positives above them,
+    common in real MLLMs' last-token states) does not trigger it."""
+    if len(history) < window:
+        return
+    recent = history[-window:]
+    gap = sum(s["pos_sim"] - s["random_pair_cos"] for s in recent) / window
+    loss = sum(s["loss"] for s in recent) / window
+    if gap < 0.01 and abs(loss - math.log(k + 1)) < 0.05:
+        raise SystemExit(
+            f"collapse: over the last {window} steps positives are no closer than unrelated "
+            f"pairs (mean gap {gap:.4f}) and the loss sits at ln(k+1) = {math.log(k + 1):.2f}: "
+            f"every embedding is nearly the same vector. The hard negatives of a model without "
+            f"zero-shot alignment outrank its positives, and making everything identical is the "
+            f"quickest way down. Start from a pretrained MLLM, or lower --lr.")

@@ -33,6 +33,7 @@ import checkpoint
 import data
 import distill
 import eval as ev
+import hardneg
 import model as M
 import shapes
 import toy
@@ -607,14 +608,14 @@ def test_sigkill_mid_stage2_with_random_negatives_then_resume_gives_the_same_wei
 def test_collapse_guard_tells_collapse_from_anisotropy():
     k = 8
     healthy = [{"loss": 1.0, "pos_sim": 0.95, "random_pair_cos": 0.9}] * 60  # anisotropic
-    train.collapse_guard(healthy, k)
+    hardneg.collapse_guard(healthy, k)
     early = [{"loss": math.log(9), "pos_sim": 0.99, "random_pair_cos": 0.99}] * 49
-    train.collapse_guard(early, k)  # not enough steps to judge
+    hardneg.collapse_guard(early, k)  # not enough steps to judge
     collapsed = [{"loss": math.log(9) + 0.01, "pos_sim": 0.999, "random_pair_cos": 0.998}] * 50
     with pytest.raises(SystemExit, match="collapse"):
-        train.collapse_guard(collapsed, k)
+        hardneg.collapse_guard(collapsed, k)
     plateau = [{"loss": math.log(9), "pos_sim": 0.6, "random_pair_cos": 0.3}] * 50
-    train.collapse_guard(plateau, k)  # a high loss alone is not collapse
+    hardneg.collapse_guard(plateau, k)  # a high loss alone is not collapse
 
 
 def test_an_anisotropic_but_healthy_stage2_run_is_not_stopped(pretrained_path, tmp_path,
@@ -631,8 +632,8 @@ def test_an_anisotropic_but_healthy_stage2_run_is_not_stopped(pretrained_path, t
     common, embed = F.normalize(torch.ones(64), dim=0), M.embed
     monkeypatch.setattr(M, "embed", lambda model, batch:
                         F.normalize(embed(model, batch) + 5 * common, dim=-1))
-    monkeypatch.setattr(train, "collapse_guard", functools.partial(train.collapse_guard,
-                                                                   window=10))
+    monkeypatch.setattr(hardneg, "collapse_guard", functools.partial(hardneg.collapse_guard,
+                                                                     window=10))
     train.main(["--stage", "2", "--model", pretrained_path, "--data", str(tmp_path / "t.jsonl"),
                 "--out", str(tmp_path / "run"), "--max-steps", "14", "--batch-size", "16",
                 "--chunk-size", "16", "--lora-r", "0", "--lr", "1e-3", "--warmup", "2",

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import families
+
 W = 32  # hidden width of every tiny tower
 CORPUS = ["a red cat sat on a mat", "a blue dog ran in the park today",
           "Summary above image in one word:", "Summary above sentence in one word:",
@@ -138,15 +140,6 @@ def save(path, model, processor, processor_class=None, video_processor_type=None
     return path
 
 
-def images_only(processor_class):
-    """The family's processor class without its video processor (which needs torchvision)."""
-    class ImagesOnly(processor_class):
-        @classmethod
-        def get_attributes(cls):
-            return [a for a in super().get_attributes() if a != "video_processor"]
-    return ImagesOnly
-
-
 def images():
     # different sizes and aspect ratios: tiling families pick different grids, so image prompts
     # get different lengths and are left-padded
@@ -208,7 +201,7 @@ def build_llava_onevision(path, vision_use_head=False):
         video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
         vision_feature_layer=-1, vision_feature_select_strategy="full")
     torch.manual_seed(0)
-    processor = images_only(LlavaOnevisionProcessor)(
+    processor = families.images_only(LlavaOnevisionProcessor)(
         image_processor=LlavaOnevisionImageProcessorPil(
             size={"height": img, "width": img}, image_grid_pinpoints=pinpoints),
         tokenizer=tok, video_processor=None, num_image_tokens=(img // patch) ** 2,
@@ -267,7 +260,7 @@ def build_qwen_vl(path, family="qwen2_vl"):
         **_qwen_ids(tok))
     torch.manual_seed(0)
     processor_class = "Qwen3VLProcessor" if prefix.startswith("Qwen3") else f"{prefix}Processor"
-    processor = images_only(getattr(transformers, processor_class))(
+    processor = families.images_only(getattr(transformers, processor_class))(
         image_processor=_qwen_image_processor(4), tokenizer=tok, video_processor=None,
         chat_template=TEMPLATES[template])
     model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
@@ -309,7 +302,7 @@ def build_smolvlm(path):
         text_config=LlamaConfig(**text_config(tok)),
         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale)
     torch.manual_seed(0)
-    processor = images_only(SmolVLMProcessor)(
+    processor = families.images_only(SmolVLMProcessor)(
         image_processor=SmolVLMImageProcessorPil(size={"longest_edge": 2 * img},
                                                  max_image_size={"longest_edge": img}),
         tokenizer=tok, video_processor=None, image_seq_len=(img // patch) ** 2 // scale ** 2,
@@ -362,7 +355,7 @@ def build_internvl(path):
         text_config=Qwen2Config(**text_config(tok)),
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=tokens)
     torch.manual_seed(0)
-    processor = images_only(InternVLProcessor)(
+    processor = families.images_only(InternVLProcessor)(
         image_processor=GotOcr2ImageProcessorPil(size={"height": img, "width": img},
                                                  crop_to_patches=True, max_patches=3),
         tokenizer=tok, image_seq_length=tokens, chat_template=TEMPLATES["internvl"])

@@ -208,25 +208,6 @@ def stage_loss(args, reps, teacher, generator, world):
     return loss * world, stats
 
 
-def collapse_guard(history, k, window=50):
-    """Stop a run whose embeddings have collapsed to one vector: over the last `window` steps
-    the positive is no better than unrelated pairs and the loss sits at ln(k+1), where every
-    logit is equal. Anisotropy alone (unrelated pairs at cosine 0.9, positives above them,
-    common in real MLLMs' last-token states) does not trigger it."""
-    if len(history) < window:
-        return
-    recent = history[-window:]
-    gap = sum(s["pos_sim"] - s["random_pair_cos"] for s in recent) / window
-    loss = sum(s["loss"] for s in recent) / window
-    if gap < 0.01 and abs(loss - math.log(k + 1)) < 0.05:
-        raise SystemExit(
-            f"collapse: over the last {window} steps positives are no closer than unrelated "
-            f"pairs (mean gap {gap:.4f}) and the loss sits at ln(k+1) = {math.log(k + 1):.2f}: "
-            f"every embedding is nearly the same vector. The hard negatives of a model without "
-            f"zero-shot alignment outrank its positives, and making everything identical is the "
-            f"quickest way down. Start from a pretrained MLLM, or lower --lr.")
-
-
 # ---------------------------------------------------------------- the loop
 
 def add_trainable(model, family, args):
@@ -252,39 +233,6 @@ def checkpoint_activations(model):
     enable({"use_reentrant": False})
 
 
-def teacher_targets(args, source, device):
-    """Stage 1: the teacher's embeddings of every distinct sentence, computed offline once
-    (§3.2) and cached, and per side the teacher row of each data row (shuffle-safe)."""
-    keys = SIDES[1] + (("hard_neg",) if args.hard_negatives else ())
-    rows = source["rows"](range(source["n_rows"]))
-    texts, index = distill.unique_texts(rows + source["heldout"], keys)
-    cache = args.teacher_cache or os.path.join("runs", "cache", "teacher-" + "-".join(
-        [args.teacher.replace("/", "_"), args.teacher_pooling,
-         distill.texts_hash(texts)[:12]]) + ".pt")
-    t0 = time.time()
-    try:
-        teacher = distill.teacher_embeddings(texts, args.teacher, cache, args.teacher_pooling,
-                                             device, args.trust_remote_code)
-    except ValueError as e:  # e.g. a cache of other texts, teacher or pooling, or not a cache
-        raise SystemExit(f"teacher {args.teacher}: {e}") from None
-    print(f"teacher embeddings: {len(texts)} texts, {teacher.shape[1]}-d, "
-          f"{time.time() - t0:.1f}s (cache {cache})", flush=True)
-    return teacher.to(device), index, {k: torch.tensor([index[r[k]] for r in rows])
-                                       for k in keys}
-
-
-def teacher_report(teacher, index, pairs, device, amp):
-    """Stage 1's held-out numbers: agreement with the teacher on pairs it never trained on."""
-    def report(model, processor, family):
-        def student(key):
-            return M.encode(model, processor, family, texts=[r[key] for r in pairs],
-                            device=device, amp=amp)
-        teacher_rows = lambda key: teacher[[index[r[key]] for r in pairs]].cpu()  # noqa: E731
-        return distill.teacher_agreement(student("sent0"), student("sent1"),
-                                         teacher_rows("sent0"), teacher_rows("sent1"))
-    return report
-
-
 def train(args, source):
     """The UniME loop for either stage -> the held-out report before and after (or {})."""
     rank, world, device = init_distributed(args.device)
@@ -297,9 +245,9 @@ def train(args, source):
         report = source["report"]
         if args.stage == 1:  # first: a bad cache fails in seconds, and the teacher's memory
             M.require_model(args.model, args.trust_remote_code)  # is freed before the student
-            teacher, index, teacher_rows = teacher_targets(args, source, device)  # loads
+            teacher, index, teacher_rows = distill.teacher_targets(args, source, device)  # loads
             if source["heldout"]:
-                report = teacher_report(teacher, index, source["heldout"], device, amp)
+                report = distill.teacher_report(teacher, index, source["heldout"], device, amp)
         model, processor, family = M.load_embedder(args.model, device, weights,
                                                    args.trust_remote_code, args.family,
                                                    load_in_4bit=args.load_in_4bit)
@@ -354,7 +302,7 @@ def train(args, source):
                 history.append(record)
                 # collapsed, all similarities are equal and the loss is ln(1 + k): the full-
                 # batch losses have batch - 1 negatives, each weighing e^α when hardness-weighted
-                collapse_guard(history, args.k if args.loss == "unime" else
+                hardneg.collapse_guard(history, args.k if args.loss == "unime" else
                                (args.batch_size - 1) * math.exp(args.alpha or 0.0))
             if not main_rank:
                 continue  # other ranks neither log nor save
