@@ -1,7 +1,7 @@
 """train.py's command line: the flags, the paper's presets, the defaults, and the data named.
 
 Each value comes from the first of: the command line, a preset (§4.1, Table 6: one per paper
-backbone; `--preset paper` picks --model's), the embedded default (toy.py, when no --model is
+backbone; `--preset paper` picks --model's), the embedded default (toy/default.py, when no --model is
 given), DEFAULTS. Every value is checked before any model loads, so a bad one fails in a second
 with the flag's name, and a flag that this run would not use is refused, never ignored.
 """
@@ -244,7 +244,7 @@ def finish_args(args, source):
     if args.epochs is not None:
         args.max_steps = int(args.epochs * (source["n_rows"] // args.batch_size))
     args.save_every = args.save_every or args.max_steps
-    if args.workers is None:  # bench.py: on the CPU, workers only take the model's cores
+    if args.workers is None:  # tools/bench.py: on the CPU, workers only take the model's cores
         args.workers = 2 if torch.device(args.device).type == "cuda" else 0
     if args.eval_pairs < 0:
         raise SystemExit(f"--eval-pairs must be 0 or more, got {args.eval_pairs}")

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import toy
-import toy_pretrain
+import toy.default
+import toy.pretrain
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # The tests' subprocesses (torchrun, kill-and-resume, bench) share 2 cores with this one: OpenMP
@@ -29,7 +29,7 @@ def unit(n, d, seed=0, dtype=torch.float64):
 def tiny_path(tmp_path_factory):
     """The toy's LLaVA architecture with random weights, saved like a downloaded checkpoint."""
     path = tmp_path_factory.mktemp("tiny") / "mllm"
-    return toy_pretrain.build_tiny_mllm(str(path), toy_pretrain.corpus(), seed=0)
+    return toy.pretrain.build_tiny_mllm(str(path), toy.pretrain.corpus(), seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -41,5 +41,5 @@ def tiny(tiny_path):
 
 @pytest.fixture(scope="session")
 def pretrained_path():
-    """The shipped pretrained toy (assets/toy-mllm): zero-shot aligned, as a real MLLM is."""
-    return toy.PRETRAINED
+    """The shipped pretrained toy (toy/mllm): zero-shot aligned, as a real MLLM is."""
+    return toy.default.PRETRAINED

@@ -22,8 +22,8 @@ import eval as ev
 import families
 import hardneg
 import model as M
-import shapes
-import toy
+from toy import shapes
+import toy.default
 import train
 from conftest import unit
 
@@ -351,7 +351,7 @@ def test_gradcache_with_images_and_lora_dropout_matches_full_batch(tiny_path):
     scenes = shapes.split_scenes(0)["train"]
     args = argparse.Namespace(stage=2, batch_size=10, seed=0, chunk_size=3, image_size=None,
                               hard_negatives=False, max_steps=1)
-    source = {"n_rows": 60, "rows": functools.partial(toy.stage2_rows, scenes, seed=0,
+    source = {"n_rows": 60, "rows": functools.partial(toy.default.stage2_rows, scenes, seed=0,
                                                       train_scenes=set(scenes))}
     batch = train.StepBatches(args, source, processor, family, rank=0, world=1)[0]
     for side, chunks in batch["sides"].items():
@@ -768,7 +768,7 @@ def test_resume_continues_exactly_where_the_checkpoint_stopped(tiny_path, tmp_pa
     """Killed right after the checkpoint of step 4 of 8, then --resume: the same adapter, bit
     for bit, as an uninterrupted run (CPU), and the log holds each step once."""
     import checkpoint
-    nli = write_nli(tmp_path / "nli.jsonl", toy.text_pairs(shapes.split_scenes(0)["train"], 110,
+    nli = write_nli(tmp_path / "nli.jsonl", toy.default.text_pairs(shapes.split_scenes(0)["train"], 110,
                                                            seed=0))
     common = ["--stage", "1", "--model", tiny_path, "--data", nli, "--max-steps", "8",
               "--batch-size", "16", "--chunk-size", "8", "--save-every", "4",

@@ -3,7 +3,7 @@
   python train.py --stage 1   # §3.2 textual discriminative knowledge distillation (Eq. 2)
   python train.py --stage 2   # §3.3 hard-negative enhanced instruction tuning (Eq. 3-4)
 
-Without --model, a stage runs the embedded default (toy.py: a tiny pretrained LLaVA, the shapes
+Without --model, a stage runs the embedded default (toy/default.py: a tiny pretrained LLaVA, the shapes
 world, the all-MiniLM-L6-v2 teacher). With --model, --data is the paper's data: SimCSE's NLI
 file (stage 1) or MMEB-train subsets (stage 2); --preset paper sets the paper's hyperparameters
 (§4.1, Table 6). Several GPUs: the same command under torchrun; --batch-size stays global.
@@ -26,7 +26,7 @@ import distill
 import families
 import hardneg
 import model as M
-import toy
+import toy.default
 
 SIDES = {1: ("sent0", "sent1"), 2: ("qry", "pos")}  # the two embedded sides of a pair
 
@@ -333,8 +333,8 @@ def main(argv=None):
     args = config.parse_args(argv)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    if args.model is None:  # the embedded default: toy.py's pretrained tiny LLaVA and data
-        source = toy.setup(args, run_train=main)
+    if args.model is None:  # the embedded default: toy/default.py's pretrained tiny LLaVA and data
+        source = toy.default.setup(args, run_train=main)
     else:
         source = config.read_data(args)
     return train(config.finish_args(args, source), source)

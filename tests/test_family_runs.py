@@ -3,7 +3,7 @@ tiny random checkpoint (tiny_backbones.py) named by path to train.py for one sta
 one stage-2 step on data files in the paper's formats, then the stage-2 output scored by
 `eval.py --task mmeb`.
 
-    pytest -q test_family_runs.py
+    pytest -q tests/test_family_runs.py
 
 Phi-3.5-V's remote code cannot be loaded by path offline: its stand-ins (tiny_phi3_v.py) are
 put in place of what `model.load_mllm` returns; everything after the load is the same path.

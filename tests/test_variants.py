@@ -2,7 +2,7 @@
 own loss, as tests. Each expectation comes from a per-query python loop over the candidates or
 from a value derived by hand, never from the function under test or its vectorized formula.
 
-    pytest -q test_variants.py       # offline, CPU, seconds
+    pytest -q tests/test_variants.py       # offline, CPU, seconds
 """
 import math
 

@@ -3,7 +3,7 @@
 32-pixel Pillow drawings of one or two coloured shapes, their captions, paraphrases and
 compositional hard negatives in the SugarCrepe styles (replace / swap an attribute, an object or
 the relation). Some colour-shape combinations are held out of training, to test generalization
-to unseen compositions. Used only by the embedded default (toy.py); no method file imports it.
+to unseen compositions. Used only by the embedded default (toy/default.py); no method file imports it.
 """
 import itertools
 import random

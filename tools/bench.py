@@ -1,12 +1,12 @@
 """Speed and memory: what GradCache, the embedding path, a training step and scoring cost.
 
-    python bench.py                       # 2 CPU cores: minutes -> a markdown table, bench.json
-    python bench.py --quick               # every section at toy sizes (a smoke run)
-    python bench.py --gpu --seconds 300   # one GPU: stage 2 at batch 1,024, Qwen2-VL-2B size
+    python -m tools.bench                       # 2 CPU cores: minutes -> a markdown table, bench.json
+    python -m tools.bench --quick               # every section at toy sizes (a smoke run)
+    python -m tools.bench --gpu --seconds 300   # one GPU: stage 2 at batch 1,024, Qwen2-VL-2B size
 
 Every figure is a ratio or a curve measured within one run (what is compared runs in turns), so
 it holds on a noisy machine. Models are built from their config with random weights (speed and
-memory do not depend on what a model learned), except the toy: the shipped assets/toy-mllm.
+memory do not depend on what a model learned), except the toy: the shipped toy/mllm.
 Peak memory on the CPU is every tensor allocation and free the profiler records, summed in time
 order, above what existed before: the tensors a GPU would hold (gradients, activations and the
 saved graph, embeddings). Peak RSS would mix in Python objects, images and the allocator's
@@ -22,12 +22,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-import bench_step
+from tools import bench_step
 import distill
 import families
 import model as M
-import shapes
-import toy
+from toy import shapes
+import toy.default
 import train
 
 SIZES = {  # (full run, --quick)
@@ -80,7 +80,7 @@ def gradcache_setup(path, lora, n, chunk):
     else:
         model.requires_grad_(True)
     params = [p for p in model.train().parameters() if p.requires_grad]
-    pairs = toy.text_pairs(shapes.split_scenes(0)["train"], n, seed=0)
+    pairs = toy.default.text_pairs(shapes.split_scenes(0)["train"], n, seed=0)
     texts = {k: [r[k] for r in pairs] for k in train.SIDES[1]}
     chunks = {k: [(list(range(a, min(a + chunk, n))), M.process(
         processor, family, texts=t[a:a + chunk])) for a in range(0, n, chunk)]

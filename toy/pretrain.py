@@ -1,4 +1,4 @@
-"""The toy's pretraining (NOT UniME): how assets/toy-mllm was made, and how to make it again.
+"""The toy's pretraining (NOT UniME): how toy/mllm was made, and how to make it again.
 
 A real MLLM comes pretrained; the tiny LLaVA of the embedded default is pretrained here, on the
 shapes world, by next-token prediction ("stage 0"). It learns three skills in equal parts:
@@ -7,7 +7,7 @@ captioning an image, and naming the scene's colours and shapes in one word after
 zero-shot cross-modal alignment; from a model without it, UniME's stage-2 loss collapses (every
 embedding the same vector, the loss stuck at ln(k+1)).
 
-    python toy_pretrain.py --out assets/toy-mllm --overwrite   # about 2 minutes on 2 CPU cores
+    python -m toy.pretrain --out toy/mllm --overwrite   # about 2 minutes on 2 CPU cores
 """
 import argparse
 import os
@@ -20,8 +20,9 @@ import torch
 import eval as ev
 import families
 import model as M
-import shapes
-import toy
+from toy import shapes
+import toy.default
+import toy.benchmark
 import train
 
 TEMPLATE = "USER: {} ASSISTANT:"  # LLaVA-1.5's chat format, which the tiny LLaVA speaks
@@ -84,7 +85,7 @@ def corpus():
     """Every word and phrase the toy model will read: its tokenizer is trained on this."""
     rng = random.Random(0)
     lines = [TEMPLATE, families.TEXT_INSTRUCTION, families.IMAGE_INSTRUCTION, CAPTION_PROMPT]
-    lines += list(toy.STAGE2_INSTRUCTIONS.values()) + [
+    lines += list(toy.default.STAGE2_INSTRUCTIONS.values()) + [
         f"What colour is the {s}? What shape is the {c} one?"
         for s in shapes.SHAPES for c in shapes.COLORS]
     for scene in shapes.all_scenes()[::7]:
@@ -151,9 +152,9 @@ def pretrain(out, steps=1500, batch_size=60, lr=3e-3, warmup=50, seed=0, base=No
         model, processor, _ = M.load_mllm(base or build_tiny_mllm(tmp, corpus(), seed=seed))
     # the scenes of every split but the two held-out test sets, unseen colour-shape
     # combinations included, as a real MLLM's pretraining has seen red triangles too
-    scenes = shapes.split_scenes(toy.SPLIT_SEED)["pretrain"]
+    scenes = shapes.split_scenes(toy.default.SPLIT_SEED)["pretrain"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    before = toy.benchmark(ev.make_encoder(model.eval(), processor, "llava"))
+    before = toy.benchmark.score(ev.make_encoder(model.eval(), processor, "llava"))
     t0 = time.time()
     for step in range(steps):
         for group in opt.param_groups:
@@ -168,7 +169,7 @@ def pretrain(out, steps=1500, batch_size=60, lr=3e-3, warmup=50, seed=0, base=No
         if (step + 1) % 100 == 0 or step + 1 == steps:
             eta = (time.time() - t0) / (step + 1) * (steps - step - 1)
             print(f"step {step + 1}/{steps} loss {loss.item():.4f} ETA {eta:.0f}s", flush=True)
-    after = toy.benchmark(ev.make_encoder(model.eval(), processor, "llava"))
+    after = toy.benchmark.score(ev.make_encoder(model.eval(), processor, "llava"))
     M.save_pretrained(out, model, processor)
     print(ev.markdown_table(["zero-shot, held-out scenes", "before", "after"],
                             [(k, before[k], after[k]) for k in before]))

@@ -2,7 +2,7 @@
 detection, prompt strings, batching of text, image and mixed chunks, embedding, truncation, LoRA
 targets. test_family_runs.py trains and evaluates each of them.
 
-    pytest -q test_families.py
+    pytest -q tests/test_families.py
 
 Each checkpoint is built offline, saved as a hub checkpoint is and loaded back by path with
 `model.load_mllm`, as a downloaded one is (processors through `families.load_processor`, which

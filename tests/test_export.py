@@ -1,7 +1,7 @@
 """Exports load anywhere: plain transformers gives the project's embeddings, PEFT the same
 model from the adapter, and the model card says what the model is. Also the Python API.
 
-    python -m pytest -q test_export.py
+    python -m pytest -q tests/test_export.py
 """
 import csv
 import functools
@@ -16,8 +16,8 @@ from PIL import Image
 import export
 import families
 import model as M
-import shapes
-import toy
+from toy import shapes
+import toy.default
 import train
 
 TEXTS = ["a small red circle", "two blue squares to the left of a green cross"]
@@ -34,7 +34,7 @@ def stage_run(tmp, stage, model, out, *extra):
         with open(data, "w", newline="") as f:
             w = csv.DictWriter(f, ["sent0", "sent1", "hard_neg"])
             w.writeheader()
-            w.writerows(toy.text_pairs(shapes.split_scenes(0)["train"], 40, seed=0))
+            w.writerows(toy.default.text_pairs(shapes.split_scenes(0)["train"], 40, seed=0))
         extra = ["--teacher", "all-MiniLM-L6-v2", "--teacher-cache", str(tmp / "t.pt"),
                  "--eval-pairs", "0", *extra]
     else:

@@ -2,7 +2,7 @@
 paper's presets per backbone, missing models named in one line, progress on long passes, and
 the one-GPU memory features (gradient checkpointing, bf16 weights with fp32 adapters, 4-bit).
 
-    python -m pytest -q test_cli.py
+    python -m pytest -q tests/test_cli.py
 """
 import argparse
 import json
@@ -15,7 +15,7 @@ from PIL import Image
 import config
 import distill
 import model as M
-import toy
+import toy.default
 import train
 
 
@@ -59,14 +59,14 @@ def test_a_real_model_needs_out_and_init_is_the_toys(capsys, tiny_path):
 
 def test_lora_shape_without_a_lora_is_refused_also_for_the_toys_full_fine_tune():
     args = config.parse_args(["--stage", "2", "--lora-alpha", "8"])
-    args.lora_r = 0  # what toy.setup sets for its stage 2
+    args.lora_r = 0  # what toy.default.setup sets for its stage 2
     with pytest.raises(SystemExit, match="--lora-r 0"):
         config.finish_args(args, {"n_rows": 100})
 
 
 def test_toy_honours_eval_pairs():
     args = config.parse_args(["--stage", "1", "--eval-pairs", "7"])
-    assert len(toy.setup(args, run_train=None)["heldout"]) == 7
+    assert len(toy.default.setup(args, run_train=None)["heldout"]) == 7
 
 
 # ---------------------------------------------------------------- presets

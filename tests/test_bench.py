@@ -1,4 +1,4 @@
-"""bench.py: its quick run covers every section, and its two measuring helpers are right."""
+"""tools/bench.py: its quick run covers every section, and its two measuring helpers are right."""
 import json
 import os
 import subprocess
@@ -7,16 +7,16 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import bench
+from tools import bench
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_quick_runs_every_section_and_writes_its_figures(tmp_path):
-    """`python bench.py --quick`: every section at toy sizes, and the GPU figure's code on the
+    """`python -m tools.bench --quick`: every section at toy sizes, and the GPU figure's code on the
     CPU; the JSON holds what the README's speed table is made from."""
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=HERE,
+    run = subprocess.run([sys.executable, "-m", "tools.bench", "--quick", "--out", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(out.read_text())

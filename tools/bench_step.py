@@ -1,10 +1,10 @@
-"""How fast a UniME training step runs, and where its time goes (bench.py prints it).
+"""How fast a UniME training step runs, and where its time goes (tools/bench.py prints it).
 
 On the CPU: train.py's loop over real inputs (the toy; a LLaVA at real widths on text pairs and
 on JPEG files), timed in parts (image decoding, processor, forward, backward, loss, gradient
 exchange, optimizer), and with 0, 1, 2 loader workers preparing the next steps.
 
-On one GPU (`python bench.py --gpu`): stage 2 as the paper runs it (§4.1, Table 6): global
+On one GPU (`python -m tools.bench --gpu`): stage 2 as the paper runs it (§4.1, Table 6): global
 batch 1,024 in GradCache chunks of 32, LoRA r16 on the whole MLLM, Eq. 4 with k=8, bf16, on
 Qwen2-VL-2B's architecture with random weights. A query is a 336-px image and 24 tokens, a
 target 16 tokens of text; the inputs are made once and pinned, so this times the model's step
@@ -29,8 +29,8 @@ import data
 import families
 import hardneg
 import model as M
-import shapes
-import toy
+from toy import shapes
+import toy.default
 import train
 
 # LLaVA at real widths, 1 layer each: a CLIP ViT-L/14 layer (1024 wide) at 336 px with 28-px
@@ -66,7 +66,7 @@ def build_llava(path, vision, text, image_size, patch, layers=1):
     from transformers import (AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig,
                               LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                               Qwen2Config)
-    tok = AutoTokenizer.from_pretrained(toy.PRETRAINED)
+    tok = AutoTokenizer.from_pretrained(toy.default.PRETRAINED)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(LlavaConfig(
         vision_config=CLIPVisionConfig(**vision, num_hidden_layers=layers, image_size=image_size,
@@ -91,7 +91,7 @@ def jpeg_rows(folder, n):
         path, q = os.path.join(folder, f"{i}.jpg"), i % 3 != 2
         Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).resize(
             (640, 480), Image.BICUBIC).save(path, quality=90)  # smooth, photo-like content
-        rows.append({"qry": toy.STAGE2_INSTRUCTIONS["i2t" if q else "t2i"], "qry_image":
+        rows.append({"qry": toy.default.STAGE2_INSTRUCTIONS["i2t" if q else "t2i"], "qry_image":
                      path if q else None, "pos": f"caption {i}", "pos_image": None if q else path})
     return rows
 
@@ -174,10 +174,10 @@ def throughputs(s, tmp, quick):
     runs, small = [], ["--batch-size", "8", "--chunk-size", "4"] if quick else []
     for stage, flags in ((1, small), (2, ["--init", "base", *small])):
         args = config.parse_args(["--stage", str(stage), *flags])
-        source = toy.setup(args, run_train=None)
+        source = toy.default.setup(args, run_train=None)
         runs.append(("toy", config.finish_args(args, source), source, *s["toy"]))
     real = build_llava(os.path.join(tmp, "real"), *(SMALL if quick else REAL))
-    for stage, rows in ((1, toy.text_pairs(shapes.split_scenes(0)["train"], 500, 0)),
+    for stage, rows in ((1, toy.default.text_pairs(shapes.split_scenes(0)["train"], 500, 0)),
                         (2, jpeg_rows(os.path.join(tmp, "jpeg"), 48))):
         n = s["real_batch"][stage - 1]
         source = {"n_rows": len(rows), "rows": lambda ids, rows=rows: [rows[i] for i in ids],

@@ -1,9 +1,9 @@
 """The paper's ablations on the toy, one command per table, each over several seeds.
 
-  python ablate.py stages --seeds 0 1 2   # Table 3 in shape: no / stage 1 / stage 2 / both
-  python ablate.py beta --seeds 0 1 2     # Table 4: β, with the false-negative share
-  python ablate.py k --seeds 0 1 2        # Table 5: k hard negatives per query
-  python ablate.py losses --seeds 0 1 2   # Eq. 4 next to losses that are NOT UniME
+  python -m experiments.ablate stages --seeds 0 1 2   # Table 3 in shape: no / stage 1 / stage 2 / both
+  python -m experiments.ablate beta --seeds 0 1 2     # Table 4: β, with the false-negative share
+  python -m experiments.ablate k --seeds 0 1 2        # Table 5: k hard negatives per query
+  python -m experiments.ablate losses --seeds 0 1 2   # Eq. 4 next to losses that are NOT UniME
 
 Each run is train.py's toy (train.main) with its own --out, runs/ablate/<table>/<row>-s<seed>,
 scored on the toy's held-out benchmark (toy.benchmark). Stage 2 starts from one stage-1 output
@@ -29,13 +29,14 @@ import torch
 
 import eval as ev
 import model as M
-import toy
+import toy.default
+import toy.benchmark
 import train
 
 METRICS = ("MMEB-style hit@1", "t2i R@1", "i2t R@1", "unseen t2i R@1", "unseen i2t R@1",
            "compositional", "t2t R@1")
 BUDGET = dict(steps=600, stage1_steps=300, batch_size=64)  # see the module docstring
-DUPLICATES = 0.25  # the β table's share of duplicated rows (toy.stage2_rows)
+DUPLICATES = 0.25  # the β table's share of duplicated rows (toy.default.stage2_rows)
 PAPER = "stages/both"  # the paper's setting (k = 8, β = 0.1, Eq. 4): one run per seed, shared
 
 
@@ -88,11 +89,11 @@ def comparisons(table, names):
 # ---------------------------------------------------------------- runs, reused when finished
 
 def score_model(path, result_path, device):
-    """toy.benchmark of a finished model, kept in result_path (JSON) once computed."""
+    """toy.benchmark.score of a finished model, kept in result_path (JSON) once computed."""
     if os.path.isfile(result_path):
         return json.load(open(result_path, encoding="utf-8"))
     model, processor, family = M.load_embedder(path, device)
-    scores = toy.benchmark(ev.make_encoder(model.eval(), processor, family, device=device))
+    scores = toy.benchmark.score(ev.make_encoder(model.eval(), processor, family, device=device))
     M.save_atomic(result_path, json.dumps({"model": path, "scores": scores}, indent=1))
     return {"model": path, "scores": scores}
 
@@ -141,7 +142,7 @@ def run_row(root, table, row, seed, budget, device):
                           "--save-every", str(max(1, budget["stage1_steps"] // 3))] + common +
                    (["--kd-direction", stage1] if stage1 else []))
     if stage2 is None:  # the stage-1 output itself, or the pretrained toy
-        model = toy.PRETRAINED if stage1 is None else init
+        model = toy.default.PRETRAINED if stage1 is None else init
         name = "pretrained" if stage1 is None else os.path.basename(init)
         return score_model(model, os.path.join(root, f"{name}.scores.json"), device)["scores"]
     out = os.path.join(root, name if "/" in name else os.path.join(table, name)) + f"-s{seed}"

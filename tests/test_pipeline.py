@@ -2,7 +2,7 @@
 the command lines, the toy, the pictures, and end-to-end training runs (marked slow; the
 README's test command runs them too). What protects a run and its files: test_safety.py.
 
-    python -m pytest -q test_pipeline.py
+    python -m pytest -q tests/test_pipeline.py
 """
 import csv
 import json
@@ -20,14 +20,15 @@ import data
 import distill
 import eval as ev
 import families
-import figures
+from experiments import figures
 import model as M
-import shapes
-import toy
-import toy_pretrain
+from toy import shapes
+import toy.default
+import toy.benchmark
+import toy.pretrain
 import train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def write_jsonl(path, rows):
@@ -42,7 +43,7 @@ def save_images(root, names, size=32):
 
 
 def nli_file(path, n, seed=0):
-    rows = toy.text_pairs(shapes.split_scenes(0)["train"], n, seed=seed)
+    rows = toy.default.text_pairs(shapes.split_scenes(0)["train"], n, seed=seed)
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, ["sent0", "sent1", "hard_neg"])
         w.writeheader()
@@ -402,7 +403,7 @@ def test_hub_parquet_layout_keeps_subsets_apart():
     assert ev.dataset_name("MMEB-eval/CIRR.jsonl") == "CIRR"
 
 
-# ---------------------------------------------------------------- figures.py
+# ---------------------------------------------------------------- experiments/figures.py
 
 def test_heatmap_size_and_bright_diagonal(tmp_path):
     path = tmp_path / "fig4.png"
@@ -468,7 +469,7 @@ def test_tiny_model_reloads_through_auto_classes_and_is_deterministic(tiny_path,
     e_img = M.encode(model, processor, "llava", images=[shapes.draw(s, rng) for s in scenes])
     e_txt = M.encode(model, processor, "llava", texts=[shapes.caption(s) for s in scenes])
     assert e_img.shape == e_txt.shape == (4, 64)
-    again = toy_pretrain.build_tiny_mllm(str(tmp_path / "again"), toy_pretrain.corpus())
+    again = toy.pretrain.build_tiny_mllm(str(tmp_path / "again"), toy.pretrain.corpus())
     m2 = AutoModelForImageTextToText.from_pretrained(again)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                   m2.state_dict().values()))
@@ -478,7 +479,7 @@ def test_one_word_loss_is_cross_entropy_against_the_keyword_distribution(tiny):
     model, processor, _ = tiny
     texts, words = ["a red circle", "a big blue cross"], [["circle", "red"], ["blue", "cross"]]
     with torch.no_grad():
-        got = toy_pretrain.one_word_loss(model, processor, words, texts=texts).item()
+        got = toy.pretrain.one_word_loss(model, processor, words, texts=texts).item()
         logits = model(**M.process(processor, "llava", texts=texts)).logits[:, -1]
     # by hand: the mean of -log p(word) over each row's words, averaged over rows
     expect = 0.0
@@ -493,10 +494,10 @@ def test_pretraining_lowers_the_heldout_answer_loss(tiny_path, tmp_path):
     def heldout_loss(path):
         model, processor, _ = M.load_mllm(path)
         with torch.no_grad():
-            return toy_pretrain.pretraining_loss(model, processor,
+            return toy.pretrain.pretraining_loss(model, processor,
                                                  shapes.split_scenes(0)["test"][:30], 0).item()
     before = heldout_loss(tiny_path)
-    toy_pretrain.pretrain(str(tmp_path / "p"), steps=60, base=tiny_path)
+    toy.pretrain.pretrain(str(tmp_path / "p"), steps=60, base=tiny_path)
     assert heldout_loss(str(tmp_path / "p")) < 0.5 * before
 
 
@@ -504,15 +505,15 @@ def test_toy_benchmark_of_a_constant_embedder_is_the_hand_derived_chance_row():
     """Every input the same vector: every score ties. MMEB's hit@1 counts a tie with the gold
     (first) candidate as a hit; Recall@1 takes the first of the tied candidates, which is the
     right one for the first query only (1 of 200); SugarCrepe's strict > is never true."""
-    got = toy.benchmark(lambda inputs: F.normalize(torch.ones(len(inputs), 3), dim=-1))
+    got = toy.benchmark.score(lambda inputs: F.normalize(torch.ones(len(inputs), 3), dim=-1))
     assert got["MMEB-style hit@1"] == 100.0 and got["compositional"] == 0.0
     for key in ("t2i R@1", "i2t R@1", "unseen t2i R@1", "unseen i2t R@1", "t2t R@1"):
         assert got[key] == pytest.approx(100 / 200)
 
 
 def test_toy_prompts_are_the_ones_its_pretraining_taught(pretrained_path):
-    """assets/toy-mllm learned its one-word answers after LLaVA-1.5's "USER: ... ASSISTANT:"
-    turn (toy_pretrain.TEMPLATE); its processor has no chat template, so families.py must give
+    """toy/mllm learned its one-word answers after LLaVA-1.5's "USER: ... ASSISTANT:"
+    turn (toy.pretrain.TEMPLATE); its processor has no chat template, so families.py must give
     exactly that turn, and the toy's stage-2 retrieval rows must carry it whole."""
     processor = families.load_processor(pretrained_path)
     assert families.format_prompt("llava", image=True, processor=processor) == \
@@ -520,7 +521,7 @@ def test_toy_prompts_are_the_ones_its_pretraining_taught(pretrained_path):
     assert families.format_prompt("llava", text="a red circle", processor=processor) == \
         "USER: a red circle\nSummary above sentence in one word: ASSISTANT:"
     scene = shapes.split_scenes(0)["train"][0]
-    row = toy.stage2_row(scene, "t2i", __import__("random").Random(0))
+    row = toy.default.stage2_row(scene, "t2i", __import__("random").Random(0))
     assert row["pos"] == "USER: <image>\nSummary above image in one word: ASSISTANT:"
     assert row["qry"].startswith("USER: ") and row["qry"].endswith(
         "\nSummary above sentence in one word: ASSISTANT:")
@@ -530,17 +531,17 @@ def test_toy_prompts_are_the_ones_its_pretraining_taught(pretrained_path):
 def test_shipped_pretrained_toy_is_zero_shot_aligned(pretrained_path):
     """What stage 2 needs from its start (a real MLLM has it): on held-out scenes the
     "in one word" prompts already retrieve across modalities far above chance (0.5%)."""
-    row = toy.main([pretrained_path])[pretrained_path]
+    row = toy.benchmark.main([pretrained_path])[pretrained_path]
     assert row["t2i R@1"] > 30 and row["i2t R@1"] > 30 and row["compositional"] > 55
 
 
 @pytest.mark.slow
 def test_regenerated_pretrained_toy_reaches_the_shipped_ones_quality(tmp_path,
                                                                       pretrained_path):
-    """`python toy_pretrain.py` from scratch gives a model as good as assets/toy-mllm (the
+    """`python -m toy.pretrain` from scratch gives a model as good as toy/mllm (the
     same seed; CPU float sums are not bit-identical across machines, so not the same bytes)."""
-    _, after = toy_pretrain.pretrain(str(tmp_path / "again"))
-    shipped = toy.main([pretrained_path])[pretrained_path]
+    _, after = toy.pretrain.pretrain(str(tmp_path / "again"))
+    shipped = toy.benchmark.main([pretrained_path])[pretrained_path]
     for key in ("t2i R@1", "i2t R@1", "compositional"):
         assert after[key] > shipped[key] - 10, key
 
@@ -577,12 +578,12 @@ def test_toy_stage2_from_the_pretrained_toy_raises_heldout_scores(tmp_path):
     assert {"false_negative_share", "valid_negatives", "pos_sim", "hardneg_sim"} <= set(log[0])
 
 
-def _toy_mmeb(folder, n=240, tasks=toy.TASKS):
+def _toy_mmeb(folder, n=240, tasks=toy.default.TASKS):
     """Toy pairs written as an MMEB-train file with PNG images: the real stage-2 reader path.
     `tasks`: only the rows of these toy tasks (row id % 6 names its task)."""
     scenes = shapes.split_scenes(0)["train"]
-    ids = [i for i in range(n) if toy.TASKS[i % len(toy.TASKS)] in tasks]
-    rows = toy.stage2_rows(scenes, ids, seed=0, train_scenes=set(scenes))
+    ids = [i for i in range(n) if toy.default.TASKS[i % len(toy.default.TASKS)] in tasks]
+    rows = toy.default.stage2_rows(scenes, ids, seed=0, train_scenes=set(scenes))
     out = []
     for i, r in enumerate(rows):
         for side in ("qry", "pos"):
@@ -613,7 +614,7 @@ def test_torchrun_two_processes_match_one_process_on_the_global_batch(pretrained
                                                    "--nproc_per_node", "2",
                                                    "--master_port", "29533"])):
             subprocess.run([sys.executable, *launch, *args, "--out",
-                            str(tmp_path / f"{name}{stage}")], cwd=HERE, env=env, check=True,
+                            str(tmp_path / f"{name}{stage}")], cwd=ROOT, env=env, check=True,
                            capture_output=True, timeout=300)
         one, two = ([json.loads(x) for x in open(tmp_path / f"{name}{stage}" / "log.jsonl")]
                     for name in ("one", "two"))

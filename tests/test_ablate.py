@@ -1,6 +1,6 @@
-"""ablate.py (the paper's ablation tables over seeds) and the toy setting it adds for Table 4.
+"""experiments/ablate.py (the paper's ablation tables over seeds) and the toy setting it adds for Table 4.
 
-    pytest -q test_ablate.py       # the helpers in a second; the end-to-end grid is `slow`
+    pytest -q tests/test_ablate.py       # the helpers in a second; the end-to-end grid is `slow`
 """
 import functools
 import json
@@ -10,9 +10,10 @@ import random
 
 import pytest
 
-import ablate
-import shapes
-import toy
+from experiments import ablate
+from toy import shapes
+import toy.default
+import toy.benchmark
 
 SCENES = shapes.split_scenes(0)["train"]
 
@@ -97,14 +98,14 @@ def test_a_finished_run_without_its_record_is_not_trained_again(tmp_path, monkey
 
 def shuffled_ids(n, seed=0):
     # row ids in a shuffled order, as train.py's batches have them
-    return random.Random(seed).sample(range(len(toy.TASKS) * len(SCENES)), n)
+    return random.Random(seed).sample(range(len(toy.default.TASKS) * len(SCENES)), n)
 
 
 def scenes_and_tasks(monkeypatch, duplicates, ids):
     # stage2_rows with each row replaced by the (scene, task) it was drawn from
     with monkeypatch.context() as m:
-        m.setattr(toy, "stage2_row", lambda scene, task, rng, image=None: (scene, task))
-        return toy.stage2_rows(SCENES, ids, seed=7, train_scenes=set(SCENES),
+        m.setattr(toy.default, "stage2_row", lambda scene, task, rng, image=None: (scene, task))
+        return toy.default.stage2_rows(SCENES, ids, seed=7, train_scenes=set(SCENES),
                                duplicates=duplicates)
 
 
@@ -124,7 +125,7 @@ def test_duplicated_rows_are_drawn_anew_from_their_own_seed(monkeypatch):
     ids = shuffled_ids(600, seed=1)
     drawn_from = scenes_and_tasks(monkeypatch, 0.5, ids)
     twins = [j for j in range(1, len(ids)) if drawn_from[j] == drawn_from[j - 1]]
-    rows = toy.stage2_rows(SCENES, ids, seed=7, train_scenes=set(SCENES), duplicates=0.5)
+    rows = toy.default.stage2_rows(SCENES, ids, seed=7, train_scenes=set(SCENES), duplicates=0.5)
     images = [r["qry_image"] or r["pos_image"] for r in rows]
     # the same scene drawn again moves each object by 1-3 pixels: rarely the same pixel grid
     same = sum(images[j].tobytes() == images[j - 1].tobytes() for j in twins)
@@ -137,7 +138,7 @@ def test_duplicated_rows_are_drawn_anew_from_their_own_seed(monkeypatch):
 def test_k_grid_runs_scores_reuses_its_runs_and_refuses_another_budget(tmp_path, capsys,
                                                                       monkeypatch):
     # a smaller held-out benchmark: this is the grid's plumbing, toy.benchmark is tested apart
-    monkeypatch.setattr(toy, "benchmark", functools.partial(toy.benchmark, n=20,
+    monkeypatch.setattr(toy.benchmark, "score", functools.partial(toy.benchmark.score, n=20,
                                                             n_candidates=5))
     argv = ["k", "--seeds", "0", "--steps", "2", "--stage1-steps", "2", "--batch-size", "4",
             "--root", str(tmp_path)]

@@ -6,8 +6,8 @@
 - Fig. 6 "what the embedding says in one word": the LM head's top-5 next tokens at the
   embedding position under the image prompt.
 
-    python figures.py --model assets/toy-mllm runs/stage1 runs/stage2 --logs runs/neg-*/log.jsonl
-    python figures.py --model MODEL --captions coco_test.jsonl --image-root coco   # real data
+    python -m experiments.figures --model toy/mllm runs/stage1 runs/stage2 --logs runs/neg-*/log.jsonl
+    python -m experiments.figures --model MODEL --captions coco_test.jsonl --image-root coco   # real data
 Models load exactly as in eval.py (--family, --trust-remote-code, --dtype).
 """
 import argparse
@@ -22,8 +22,8 @@ from PIL import Image, ImageDraw
 import data
 import eval as ev
 import model as M
-import shapes
-import toy
+from toy import shapes
+import toy.default
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
@@ -112,8 +112,8 @@ def pairs(args, n=50):
             first.setdefault(i, c)
         keep = sorted(first)[:n]
         return [first[i] for i in keep], [data.load_image(images[i]) for i in keep]
-    rng = random.Random(toy.SPLIT_SEED + 1)
-    scenes = shapes.split_scenes(toy.SPLIT_SEED)["test"][:n]
+    rng = random.Random(toy.default.SPLIT_SEED + 1)
+    scenes = shapes.split_scenes(toy.default.SPLIT_SEED)["test"][:n]
     return [shapes.caption(s) for s in scenes], [shapes.draw(s, rng) for s in scenes]
 
 

@@ -1,0 +1,1 @@
+"""Experiments on the toy: the paper's ablation tables and figures, re-run."""

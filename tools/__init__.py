@@ -1,0 +1,1 @@
+"""Measurements: speed and memory of the training step, GradCache and the embedding path."""

@@ -1,0 +1,1 @@
+"""The embedded default: a tiny pretrained LLaVA, the shapes world, its held-out benchmark."""
