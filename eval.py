@@ -28,6 +28,7 @@ import config
 import data
 import families
 import model as M
+import runs
 
 SUGARCREPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "sugarcrepe")
 SUGARCREPE_GROUPS = {"Replace": ("replace_obj", "replace_att", "replace_rel"),
@@ -172,7 +173,7 @@ class EmbeddingCache:
             self.vectors.update(zip([k for k, _ in block], new))
             if self.dir:
                 name = hashlib.sha256("\n".join(k for k, _ in block).encode()).hexdigest()[:16]
-                M.save_atomic(os.path.join(self.dir, name + ".pt"), {
+                runs.save_atomic(os.path.join(self.dir, name + ".pt"), {
                     "model_id": self.model_id, "keys": [k for k, _ in block], "vectors": new})
             report(s + len(block))
         return torch.stack([self.vectors[k] for k in keys])
@@ -210,7 +211,7 @@ def make_encoder(model, processor, family, batch_size=64, device="cpu", stage1_s
 def load_model(path, device="cpu", dtype="auto", trust_remote_code=False, family=None):
     """(model in eval mode, processor, family, autocast dtype) for any model or stage output."""
     weights, amp = M.precision(device, dtype)
-    model, processor, family = M.load_embedder(path, device, weights, trust_remote_code, family)
+    model, processor, family = runs.load_embedder(path, device, weights, trust_remote_code, family)
     return model.eval(), processor, family, amp
 
 
@@ -227,7 +228,7 @@ def load_for_eval(path, device="cpu", dtype="auto", trust_remote_code=False, fam
     max_length = spec.get("max_len") if mmeb and not stage1_sum else None
     if image_size == "official":
         image_size = spec.get("eval_resolution") if mmeb else None
-    cache = EmbeddingCache(f"{M.model_identity(path)} family={family} dtype={dtype} "
+    cache = EmbeddingCache(f"{runs.model_identity(path)} family={family} dtype={dtype} "
                            f"amp={amp} stage1_sum={stage1_sum} max_length={max_length} "
                            f"image_size={image_size}", cache_dir)
     encoder = make_encoder(model, processor, family, batch_size, device, stage1_sum, amp,
@@ -324,8 +325,9 @@ def parse_args(argv=None):
                      for s in sum(SUGARCREPE_GROUPS.values(), ())]
     if not args.data:
         p.error(f"--task {args.task} needs --data")
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be positive, got {args.batch_size}")
+    for name in ("batch_size", "max_captions", "limit"):  # each a count: at least one
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for flag in ("max_captions", "limit"):  # used by retrieval only: refused, not ignored
         if getattr(args, flag) is not None and args.task != "retrieval":
             p.error(f"--{flag.replace('_', '-')} is a retrieval setting, not {args.task}'s")
@@ -358,7 +360,7 @@ def main(argv=None):
         print(f"\n{path}\n" + markdown_table([args.task] + columns, rows), flush=True)
         results[path] = {"datasets": scores, "groups": groups}
     result = {"task": args.task, "stage1_sum": args.stage1_sum, "models": results}
-    M.save_atomic(args.out, json.dumps(result, indent=2))
+    runs.save_atomic(args.out, json.dumps(result, indent=2))
     return result
 
 

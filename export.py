@@ -17,26 +17,16 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 
 import torch
 
 import families
 import model as M
+import runs
 
 MANIFEST = "export.json"  # names what an export wrote, so --overwrite removes nothing else
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def stage_chain(path):
-    """[(folder, unime.json)] from this stage output back to the first one, and the model the
-    first one started from (an HF id or a model folder)."""
-    chain = []
-    meta = M.read_stage_meta(path)
-    while meta is not None:
-        chain.append((path, meta))
-        path = M.stage_init(path, meta)
-        meta = M.read_stage_meta(path)
-    return chain, path
 
 
 def peft_adapter(loras, base_name):
@@ -95,7 +85,7 @@ def model_card(chain, root, family, processor, adapter_base):
         adapter = "No adapter: the last stage fine-tuned every weight."
     else:
         base = "`adapter-base/` (the model the last stage started from, also in this folder)" \
-            if adapter_base else f"`{M.stage_init(*chain[0])}`"
+            if adapter_base else f"`{runs.stage_init(*chain[0])}`"
         adapter = (f"`adapter/` holds the last stage's LoRA in PEFT's format; it applies to "
                    f"{base}:\n`PeftModel.from_pretrained(AutoModelForImageTextToText."
                    f"from_pretrained(base), 'adapter')` gives the same embeddings as this folder.")
@@ -142,56 +132,50 @@ print(texts @ images.T)  # cosine similarity
 
 def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=False):
     """Write the export of stage output `run` into `out` (see the module docstring)."""
-    chain, root = stage_chain(run)
+    chain, root = runs.stage_chain(run)
     if not chain:
         raise SystemExit(f"{run} is not a finished stage output of train.py (no unime.json)")
     previous = check_out(out, overwrite)
-    model, processor, family = M.load_embedder(run, "cpu", torch.float32, trust_remote_code,
-                                               merge=False)
-    start, last = M.stage_init(*chain[0]), chain[0][1]
-    adapter_base = bool(last["lora"]) and M.read_stage_meta(start) is not None
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-")
-    old = None
-    try:
+    model, processor, family = runs.load_embedder(run, "cpu", torch.float32, trust_remote_code,
+                                                  merge=False)
+    start, last = runs.stage_init(*chain[0]), chain[0][1]
+    adapter_base = bool(last["lora"]) and runs.read_stage_meta(start) is not None
+
+    def write(folder):  # the whole export, in save_atomic's temporary folder
         loras = {name: m for name, m in model.named_modules() if isinstance(m, M.LoRALinear)}
         for name, m in loras.items():  # the plain linear layers back in place, adapters aside
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, m.base)
         model.to(dtype)  # the adapters, now outside the model, stay float32
         if loras:
-            write_adapter(os.path.join(tmp, "adapter"),
+            write_adapter(os.path.join(folder, "adapter"),
                           *peft_adapter(loras, "adapter-base" if adapter_base else start))
         if adapter_base:
-            M.save_pretrained(os.path.join(tmp, "adapter-base"), model, processor)
+            model.save_pretrained(os.path.join(folder, "adapter-base"))
+            processor.save_pretrained(os.path.join(folder, "adapter-base"))
         for m in loras.values():
             m.merged()  # folds B A into m.base, the layer now in the model
-        M.save_pretrained(tmp, model, processor)
-        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(chain, root, family, processor, adapter_base))
-        files = sorted(os.listdir(tmp)) + [MANIFEST]
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+        files = sorted(os.listdir(folder)) + [MANIFEST]
+        with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
             json.dump({"run": os.path.abspath(run), "run_id": last["id"], "files": files}, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        for folder, _, names in os.walk(tmp):  # usual permissions: mkdtemp's folder and
-            os.chmod(folder, 0o777 & ~umask)  # safetensors' files are 0700 and 0600
-            for name in names:
-                os.chmod(os.path.join(folder, name), 0o666 & ~umask)
-        if previous:  # an earlier export: moved aside whole, removed once the new one is in
-            old = tempfile.mkdtemp(dir=parent, prefix=".old-")
-            os.replace(out, os.path.join(old, "export"))
-        os.replace(tmp, out)  # an empty or absent `out`: one rename, so never half-written
+    if not previous:
+        return runs.save_atomic(out, write)  # an empty or absent `out`: one rename
+    # an earlier export: the new one is complete beside it before the two are swapped
+    parent, name = os.path.split(os.path.abspath(out))
+    new = runs.save_atomic(os.path.join(parent, f".{name}.new-{uuid.uuid4().hex[:8]}"), write)
+    old = tempfile.mkdtemp(dir=parent, prefix=".old-")
+    os.replace(out, os.path.join(old, "export"))
+    try:
+        os.replace(new, out)
     except BaseException:
-        if old and not os.path.exists(out):  # put the earlier export back
-            os.replace(os.path.join(old, "export"), out)
-            os.rmdir(old)
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folders
+        os.replace(os.path.join(old, "export"), out)  # the earlier export back in place
+        shutil.rmtree(new)
         raise
-    if old:
-        shutil.rmtree(old)  # only files an export wrote (check_out made sure)
+    shutil.rmtree(old)  # only files an export wrote (check_out made sure)
     return out
 
 

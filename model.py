@@ -1,19 +1,13 @@
-"""An MLLM as an embedding model (UniME §3.1), the LoRA it trains, and its stage outputs.
+"""An MLLM as an embedding model (UniME §3.1), and the LoRA it trains.
 
 The embedding of an input is the final-layer hidden state of its *last real token* under a
 summarizing prompt ("... Summary above image in one word:"), L2-normalized. Any Hugging Face
 image-text-to-text model of a family in families.py works; that file holds what differs
 between families (prompts, batching, truncation, image sizes, LoRA targets).
-A stage of train.py writes a folder that `load_embedder` turns back into a model: the adapter
-merged onto the model it started from.
+What a stage of train.py writes, and how it loads back as one model: runs.py.
 """
-import hashlib
-import json
 import math
-import os
-import tempfile
 import time
-import uuid
 
 import torch
 import torch.nn as nn
@@ -59,20 +53,6 @@ def missing_model(name, error, what="model"):
     return (f"cannot load {what} {name!r}: {str(error).strip().splitlines()[0]} Offline, pass "
             f"a local folder (save_pretrained) or set HF_HOME to a cache that holds it; "
             f"remote-code models also need --trust-remote-code.")
-
-
-def require_model(path, trust_remote_code=False):
-    """Fail in one line, before any long work, when the model at `path` (for a LoRA stage
-    output: the model its chain starts from) cannot be found: reads its config only."""
-    from transformers import AutoConfig
-    meta = read_stage_meta(path)
-    while meta is not None and meta["lora"]:
-        path = stage_init(path, meta)
-        meta = read_stage_meta(path)
-    try:
-        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise SystemExit(missing_model(path, e)) from None
 
 
 def precision(device, dtype="auto"):
@@ -222,138 +202,6 @@ def load_lora(model, state):
     model.load_state_dict(state, strict=False)
 
 
-
-# ---------------------------------------------------------------- stage outputs
-
-def save_atomic(path, obj):
-    """The one atomic writer: `obj` (text, or anything torch.save takes) goes to a temporary
-    file in the same folder, then is renamed to `path`, so a crash never leaves a torn file
-    where a good one was expected. Files get the usual permissions (mkstemp's are 0600). A
-    failed write (a full disk) stops with a message naming `path`, which is left as it was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(obj.encode()) if isinstance(obj, str) else torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)  # our own temporary file, nothing else
-        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as either
-            disk = os.statvfs(folder) if os.path.isdir(folder) else None
-            free = disk.f_bavail * disk.f_frsize / 2**20 if disk else 0
-            raise SystemExit(f"cannot write {path}: {getattr(e, 'strerror', None) or e} "
-                             f"({free:.0f} MiB free there); the file there before (if any) "
-                             f"is unchanged") from e
-        raise
-
-
-def save_pretrained(out, model, processor):
-    """model.save_pretrained and processor.save_pretrained, atomically per file: written into a
-    temporary folder inside `out`, then each file renamed into place with the usual
-    permissions. Nothing else in `out` is touched."""
-    os.makedirs(out, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in os.listdir(tmp):
-        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    os.rmdir(tmp)  # empty now: the folder this function made
-
-
-def model_identity(path):
-    """What a model is, to tell it from another: a stage output's id; for a folder, its files'
-    names, sizes and contents (large weight files by size and mtime: hashing GBs is slow); a
-    hub id as given."""
-    meta = read_stage_meta(path)
-    if meta:
-        return meta["id"]
-    if not os.path.isdir(path):
-        return str(path)
-    h = hashlib.sha256()
-    for f in sorted(os.scandir(path), key=lambda f: f.name):
-        if f.is_file() and not f.name.startswith("."):
-            st = f.stat()
-            h.update(f"{f.name} {st.st_size}".encode())
-            if st.st_size < 64 << 20:
-                with open(f.path, "rb") as fh:
-                    h.update(fh.read())
-            else:
-                h.update(str(st.st_mtime_ns).encode())
-    return f"{os.path.basename(os.path.normpath(path))}@{h.hexdigest()[:16]}"
-
-
-def read_stage_meta(path):
-    """The `unime.json` of a finished stage output, else None. It is written last, so its
-    presence marks the output complete."""
-    meta_path = os.path.join(str(path), "unime.json")
-    if not os.path.isfile(meta_path):
-        return None
-    with open(meta_path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def stage_init(path, meta):
-    """The model a stage output started from, as its `unime.json` names it."""
-    return os.path.normpath(os.path.join(str(path), meta["init"])) if meta["init_is_local"] \
-        else meta["init"]
-
-
-def save_stage_output(out, model, processor, init, stage, family, lora):
-    """What a later stage or eval.py loads: the adapter (or, with lora=None, the whole model),
-    then `unime.json`: what it started from, that model's identity, the LoRA shape and the
-    layers it wraps (so loading rebuilds the same adapter whatever families.py says then)."""
-    if lora:
-        save_atomic(os.path.join(out, "adapter.pt"), lora_state_dict(model))
-    else:  # full fine-tuning: the folder is the model
-        save_pretrained(out, model, processor)
-    local = os.path.exists(init)
-    meta = {"stage": stage, "family": family, "lora": lora, "id": uuid.uuid4().hex,
-            "init": os.path.relpath(init, out) if local else init, "init_is_local": local,
-            "init_identity": model_identity(init)}
-    save_atomic(os.path.join(out, "unime.json"), json.dumps(meta, indent=1))
-
-
-def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_code=False,
-                  family=None, merge=True, load_in_4bit=False):
-    """(model, processor, family) for an HF id, a model folder, or a stage output of train.py.
-    A LoRA stage output is loaded by loading what it started from (recursively), checking that
-    it is still the model the adapter was trained on, then merging the adapter. Remote code
-    runs only when the caller passes trust_remote_code, never because a file says so.
-    merge=False leaves the last stage's adapter as LoRALinear layers (export.py); load_in_4bit
-    (a plain model only) quantizes its linear weights, see load_mllm."""
-    path = str(path_or_id)
-    meta = read_stage_meta(path)
-    if meta is None:
-        if os.path.isfile(os.path.join(path, "checkpoint.pt")):
-            raise SystemExit(f"{path} is an unfinished training run (a checkpoint but no "
-                             f"unime.json): finish it with train.py --resume --out {path}")
-        return load_mllm(path, dtype, device, trust_remote_code, family, load_in_4bit)
-    if load_in_4bit:
-        raise ValueError(f"{path} is a stage output: only a plain model loads in 4 bits")
-    if not meta["lora"]:  # a full fine-tune: the folder is the model
-        return load_mllm(path, dtype, device, trust_remote_code, family or meta["family"])
-    init = stage_init(path, meta)
-    if model_identity(init) != meta["init_identity"]:
-        raise SystemExit(f"{path}: its adapter was trained on {init} as it was then "
-                         f"({meta['init_identity']}); that model has changed since "
-                         f"({model_identity(init)}). Retrain this stage from it.")
-    model, processor, family = load_embedder(init, device, dtype, trust_remote_code,
-                                             family or meta["family"])
-    inject_lora(model, **meta["lora"])
-    load_lora(model, torch.load(os.path.join(path, "adapter.pt"), map_location="cpu",
-                                weights_only=True))
-    return (merge_lora(model) if merge else model).to(device), processor, family
 
 
 # ---------------------------------------------------------------- the Python API

@@ -1,6 +1,6 @@
 """The specification of the method, as tests, in the paper's order: §3.1 the embedding and its
-prompts, Eq. 2, the LoRA, GradCache, §3.3.1 / Eq. 3 / Eq. 4, the gather over GPUs, UniME†, the
-evaluation protocols of §4.2, exact resumption. Each test derives its expectation independently
+prompts, Eq. 2, the LoRA, §3.2.2 UniME†, §3.3.1 / Eq. 3 / Eq. 4, the gather over GPUs,
+GradCache (§4.1), the evaluation protocols of §4.2, exact resumption. Each test derives its expectation independently
 of the code under test: brute force, a hand-derived value, or a second reference computation.
 
     python -m pytest -q test_unime.py
@@ -22,6 +22,7 @@ import eval as ev
 import families
 import hardneg
 import model as M
+import runs
 from toy import shapes
 import toy.default
 import train
@@ -175,10 +176,35 @@ def test_kd_hard_negatives_are_extra_columns():
         assert abs(want - kl_rows_by_hand(sa, sp, ta, tp, 0.05, direction)) > 1e-3
 
 
-def test_teacher_rows_follow_sample_ids_not_batch_order():
-    rows = [{"sent0": "a", "sent1": "b"}, {"sent0": "c", "sent1": "a"}]
-    texts, index = distill.unique_texts(rows, ("sent0", "sent1"))
-    assert texts == ["a", "b", "c"] and [index[r["sent1"]] for r in rows[::-1]] == [0, 1]
+def test_teacher_rows_follow_sample_ids_through_shuffled_batches(tiny, tmp_path, monkeypatch):
+    """The teacher's targets of a training batch (§3.2, embedded offline once for every distinct
+    sentence) are those of the batch's own sentences, however the batches are shuffled and
+    however often a sentence repeats: each checked against the teacher run on that sentence."""
+    model, processor, family = tiny
+    words = ["red", "blue", "green", "cross", "circle", "star"]
+    rows = [{"sent0": f"a {words[i % 6]} {words[(i // 2) % 6]}", "sent1": f"one {words[i % 5]}",
+             "hard_neg": f"no {words[i % 4]}"} for i in range(24)]  # sentences repeat
+    source = {"n_rows": len(rows), "rows": lambda ids: [rows[i] for i in ids], "heldout": []}
+
+    def teacher_vector(text):  # a stand-in teacher: a fixed vector per sentence
+        seed = int.from_bytes(text.encode()[:8].ljust(8, b"\0"), "little") % 2**31
+        return F.normalize(torch.randn(8, generator=torch.Generator().manual_seed(seed)), dim=0)
+    monkeypatch.setattr(distill, "teacher_embeddings", lambda texts, *a, **k: torch.stack(
+        [teacher_vector(t) for t in texts]))
+    args = types.SimpleNamespace(stage=1, hard_negatives=True, teacher="stand-in",
+                                 teacher_pooling="mean", teacher_cache=str(tmp_path / "t.pt"),
+                                 trust_remote_code=False, batch_size=8, chunk_size=8, seed=3,
+                                 max_steps=6)
+    teacher, _, teacher_rows = distill.teacher_targets(args, source, "cpu")
+    batches = train.StepBatches(args, source, processor, family, 0, 1)
+    shuffled = 0
+    for step in range(6):  # two epochs of three batches, each epoch its own permutation
+        ids = batches[step]["ids"]
+        shuffled += ids.tolist() != sorted(ids.tolist())
+        for side in ("sent0", "sent1", "hard_neg"):  # what train.train hands the step
+            want = torch.stack([teacher_vector(rows[i][side]) for i in ids.tolist()])
+            assert torch.equal(teacher[teacher_rows[side][ids]], want)
+    assert shuffled == 6
 
 
 # ---------------------------------------------------------------- LoRA
@@ -222,13 +248,17 @@ def test_stage1_lora_trains_only_adapters_on_the_llm(tiny_path):
     with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
     assert set(with_grad) <= set(trainable) and any("lora_A" in n for n in with_grad)
     assert not any("vision_tower" in n or "projector" in n for n in with_grad)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith("lora_B")}
     opt.step()
     after = {k.replace(".base.", "."): v for k, v in model.state_dict().items()
              if not k.endswith(("lora_A", "lora_B"))}
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)  # every frozen weight
-    moved = [n for n, p in model.named_parameters() if n.endswith("lora_A")]
-    assert moved  # and the adapters did move
+    # and every adapter's B moved as AdamW's first step moves a weight from 0: by -lr times
+    # m / (sqrt(v) + eps) = g / (|g| + eps), the sign of its gradient
+    assert len(grads) == len(wrapped) and all(g.abs().max() > 0 for g in grads.values())
+    for name, g in grads.items():
+        torch.testing.assert_close(model.get_parameter(name).detach(), -0.1 * g / (g.abs() + 1e-8))
     # saving keeps only the adapter, and loading it into a fresh copy reproduces the model
     with torch.no_grad():
         for p in trainable:
@@ -242,140 +272,19 @@ def test_stage1_lora_trains_only_adapters_on_the_llm(tiny_path):
         assert torch.allclose(M.embed(fresh, batch), M.embed(model, batch), atol=1e-6)
 
 
-# ---------------------------------------------------------------- §4.1 GradCache
+# ---------------------------------------------------------------- §3.2.2 UniME†: summed modalities
 
-def adapted_tiny(tiny_path, dropout, include_vision=False):
-    """The tiny MLLM with a LoRA whose B is random, so the adapter changes the outputs."""
-    model, processor, family = M.load_mllm(tiny_path)
-    M.inject_lora(model, families.lora_targets(model, family, include_vision), r=4, alpha=8,
-                  dropout=dropout)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, M.LoRALinear):
-                m.lora_B.normal_(std=0.1)
-    return model, processor, family
-
-
-def text_chunks(processor, family, texts, size):
-    """[(row positions, processed chunk)] of consecutive rows: train.StepBatches' layout."""
-    return [(list(range(s, min(s + size, len(texts)))),
-             M.process(processor, family, texts=texts[s:s + size]))
-            for s in range(0, len(texts), size)]
-
-
-def grads_and_reset(params):
-    out = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    return out
-
-
-def test_gradcache_equals_full_batch_gradients(tiny_path):
-    """fp32, LoRA dropout on: chunks of 3 must give the gradients of one batch of 8."""
-    texts = [shapes.caption(s) for s in shapes.split_scenes(0)["test"][:16]]
-    teacher = unit(16, 5, seed=20).float()
-    model, processor, family = adapted_tiny(tiny_path, dropout=0.3)
-    model.train()
-    lora = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_fn(reps):
-        return distill.kd_loss(reps["a"], reps["p"], teacher[:8], teacher[8:], 0.05), {}
-
-    # reference: one full-batch forward and backward, with the dropout masks drawn in order
-    torch.manual_seed(123)
-    loss_fn({"a": M.embed(model, M.process(processor, family, texts=texts[:8])),
-             "p": M.embed(model, M.process(processor, family, texts=texts[8:]))})[0].backward()
-    ref = grads_and_reset(lora)
-    # gradcache with chunks of 3 (padding follows each chunk; dropout masks differ per chunk,
-    # so compare against a reference that embeds the same chunks with the same masks)
-    sides = {"a": text_chunks(processor, family, texts[:8], 3),
-             "p": text_chunks(processor, family, texts[8:], 3)}
-    torch.manual_seed(123)
-    chunk_ref = {k: torch.cat([M.embed(model, c) for _, c in cs]) for k, cs in sides.items()}
-    ref_loss = loss_fn(chunk_ref)[0]
-    ref_loss.backward()
-    ref_chunks = grads_and_reset(lora)
-    torch.manual_seed(123)
-    loss, _ = train.gradcache_step(model, sides, loss_fn, "cpu", None)
-    for g, r in zip([p.grad for p in lora], ref_chunks):
-        assert torch.allclose(g, r, atol=1e-6, rtol=1e-4)
-    assert any(not torch.allclose(a, b) for a, b in zip(ref, ref_chunks))  # dropout was on
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
-
-
-def test_gradcache_without_dropout_equals_unchunked_batch(tiny_path):
-    texts = [shapes.caption(s) for s in shapes.split_scenes(0)["test"][:12]]
-    teacher = unit(12, 5, seed=21).float()
-    model, processor, family = adapted_tiny(tiny_path, dropout=0.0)
-    lora = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_fn(reps):
-        return distill.kd_loss(reps["a"], reps["p"], teacher[:6], teacher[6:], 0.05), {}
-    loss_fn({"a": M.embed(model, M.process(processor, family, texts=texts[:6])),
-             "p": M.embed(model, M.process(processor, family, texts=texts[6:]))})[0].backward()
-    ref = grads_and_reset(lora)
-    sides = {"a": text_chunks(processor, family, texts[:6], 4),
-             "p": text_chunks(processor, family, texts[6:], 4)}
-    train.gradcache_step(model, sides, loss_fn, "cpu", None)
-    for p, r in zip(lora, ref):
-        assert torch.allclose(p.grad, r, atol=1e-6, rtol=1e-4)
-
-
-def test_gradcache_leaves_every_chunk_where_it_was(tiny_path):
-    """Inputs stay on the host between their chunk's forwards: a processor output's .to() moves
-    its own tensors, so moving the chunk itself would keep every chunk of the step on the GPU
-    until the step ends (memory growing with the batch, not the chunk)."""
-    texts = [shapes.caption(s) for s in shapes.split_scenes(0)["test"][:6]]
-    teacher = unit(6, 5, seed=22).float()
-    model, processor, family = adapted_tiny(tiny_path, dropout=0.0)
-    sides = {"a": text_chunks(processor, family, texts[:3], 2),
-             "p": text_chunks(processor, family, texts[3:], 2)}
-    # read-only chunks: a step that moved or replaced a chunk's tensors in place would raise
-    sides = {k: [(rows, types.MappingProxyType(dict(c))) for rows, c in cs]
-             for k, cs in sides.items()}
-    held = [dict(c) for cs in sides.values() for _, c in cs]
-    train.gradcache_step(model, sides, lambda reps: (distill.kd_loss(
-        reps["a"], reps["p"], teacher[:3], teacher[3:], 0.05), {}), "cpu", None)
-    for c, tensors in zip([c for cs in sides.values() for _, c in cs], held):
-        assert c.keys() == tensors.keys() and all(c[k] is v for k, v in tensors.items())
-
-
-def test_gradcache_with_images_and_lora_dropout_matches_full_batch(tiny_path):
-    """A stage-2 batch as train.py builds it: mixed text and image sides, split into chunks
-    of one modality and put back in row order, LoRA dropout on the vision tower too."""
-    import argparse
-    import functools
-    model, processor, family = adapted_tiny(tiny_path, dropout=0.2, include_vision=True)
-    model.train()
-    lora = [p for p in model.parameters() if p.requires_grad]
-    scenes = shapes.split_scenes(0)["train"]
-    args = argparse.Namespace(stage=2, batch_size=10, seed=0, chunk_size=3, image_size=None,
-                              hard_negatives=False, max_steps=1)
-    source = {"n_rows": 60, "rows": functools.partial(toy.default.stage2_rows, scenes, seed=0,
-                                                      train_scenes=set(scenes))}
-    batch = train.StepBatches(args, source, processor, family, rank=0, world=1)[0]
-    for side, chunks in batch["sides"].items():
-        assert sorted(i for idx, _ in chunks for i in idx) == list(range(10))
-        assert len({"pixel_values" in c for _, c in chunks}) == 2  # both modalities present
-
-    def loss_fn(reps):
-        return hardneg.hardneg_loss(reps["qry"], reps["pos"], k=3, beta=0.1), {}
-    # reference: the same chunks embedded with a graph in one pass, same dropout masks
-    torch.manual_seed(7)
-    ref_reps = {}
-    for side, chunks in batch["sides"].items():
-        ref_reps[side] = torch.empty(10, 64)
-        for idx, chunk in chunks:
-            ref_reps[side] = ref_reps[side].index_put((torch.tensor(idx),), M.embed(model, chunk))
-    ref_loss = loss_fn(ref_reps)[0]
-    ref_loss.backward()
-    ref = grads_and_reset(lora)
-    torch.manual_seed(7)
-    loss, _ = train.gradcache_step(model, batch["sides"], loss_fn, "cpu", None)
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
-    assert any("vision_tower" in n and p.grad is not None for n, p in model.named_parameters())
-    for g, r in zip([p.grad for p in lora], ref):
-        assert torch.allclose(g, r, atol=1e-6, rtol=1e-4)
+def test_stage1_sum_adds_separate_text_and_image_embeddings(tiny, tmp_path):
+    model, processor, family = tiny
+    img = Image.new("RGB", (32, 32), "red")
+    img.save(tmp_path / "red.png")
+    enc = ev.make_encoder(model, processor, family, stage1_sum=True)
+    got = enc([(None, str(tmp_path / "red.png"), "<|image_1|>\nred circle"),
+               ("red circle", None, None)])
+    t = M.encode(model, processor, family, texts=["red circle"])
+    i = M.encode(model, processor, family, images=[img])
+    assert torch.allclose(got[0], F.normalize(t[0] + i[0], dim=-1), atol=1e-5)
+    assert torch.allclose(got[1], t[0], atol=1e-5)
 
 
 # ---------------------------------------------------------------- §3.3 stage 2: hard negatives
@@ -552,7 +461,7 @@ def test_stats_on_hand_made_example():
     assert all(isinstance(v, float) for v in stats.values())
 
 
-# ---------------------------------------------------------------- several GPUs: gloo on the CPU
+# ---------------------------------------------------------------- §3.3 over several GPUs: the gather (gloo on the CPU)
 
 N_LOCAL, D_IN, D_OUT, WORLD = 4, 6, 5, 2
 KW = dict(k=3, beta=0.05, tau=0.1)
@@ -583,7 +492,7 @@ def _ddp_worker(rank, init_file, out_file):
     rows = list(range(rank * N_LOCAL, (rank + 1) * N_LOCAL))
     q, c = _encode(text, vision, xq[rows], rows), _encode(text, vision, xc[rows], rows)
     loss = hardneg.hardneg_loss(train.gather_with_grad(q), train.gather_with_grad(c),
-                                **KW) * WORLD  # the scaling of train.stage_loss
+                                **KW) * WORLD  # the scaling of train.train_step
     loss.backward()
     params = [*text.parameters(), *vision.parameters()]
     assert (vision.weight.grad is None) == (rank == 1)  # rank 1 never ran the vision tower
@@ -622,19 +531,140 @@ def test_two_processes_with_a_text_only_shard_give_the_global_batch_gradient(tmp
         torch.testing.assert_close(g, p.grad)
 
 
-# ---------------------------------------------------------------- §3.2.2 UniME†: summed modalities
+# ---------------------------------------------------------------- §4.1 GradCache
 
-def test_stage1_sum_adds_separate_text_and_image_embeddings(tiny, tmp_path):
-    model, processor, family = tiny
-    img = Image.new("RGB", (32, 32), "red")
-    img.save(tmp_path / "red.png")
-    enc = ev.make_encoder(model, processor, family, stage1_sum=True)
-    got = enc([(None, str(tmp_path / "red.png"), "<|image_1|>\nred circle"),
-               ("red circle", None, None)])
-    t = M.encode(model, processor, family, texts=["red circle"])
-    i = M.encode(model, processor, family, images=[img])
-    assert torch.allclose(got[0], F.normalize(t[0] + i[0], dim=-1), atol=1e-5)
-    assert torch.allclose(got[1], t[0], atol=1e-5)
+def adapted_tiny(tiny_path, dropout, include_vision=False):
+    """The tiny MLLM with a LoRA whose B is random, so the adapter changes the outputs."""
+    model, processor, family = M.load_mllm(tiny_path)
+    M.inject_lora(model, families.lora_targets(model, family, include_vision), r=4, alpha=8,
+                  dropout=dropout)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, M.LoRALinear):
+                m.lora_B.normal_(std=0.1)
+    return model, processor, family
+
+
+def text_chunks(processor, family, texts, size):
+    """[(row positions, processed chunk)] of consecutive rows: train.StepBatches' layout."""
+    return [(list(range(s, min(s + size, len(texts)))),
+             M.process(processor, family, texts=texts[s:s + size]))
+            for s in range(0, len(texts), size)]
+
+
+def grads_and_reset(params):
+    out = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return out
+
+
+def test_gradcache_equals_full_batch_gradients(tiny_path):
+    """fp32, LoRA dropout on: chunks of 3 must give the gradients of one batch of 8."""
+    texts = [shapes.caption(s) for s in shapes.split_scenes(0)["test"][:16]]
+    teacher = unit(16, 5, seed=20).float()
+    model, processor, family = adapted_tiny(tiny_path, dropout=0.3)
+    model.train()
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_fn(reps):
+        return distill.kd_loss(reps["a"], reps["p"], teacher[:8], teacher[8:], 0.05), {}
+
+    # reference: one full-batch forward and backward, with the dropout masks drawn in order
+    torch.manual_seed(123)
+    loss_fn({"a": M.embed(model, M.process(processor, family, texts=texts[:8])),
+             "p": M.embed(model, M.process(processor, family, texts=texts[8:]))})[0].backward()
+    ref = grads_and_reset(lora)
+    # gradcache with chunks of 3 (padding follows each chunk; dropout masks differ per chunk,
+    # so compare against a reference that embeds the same chunks with the same masks)
+    sides = {"a": text_chunks(processor, family, texts[:8], 3),
+             "p": text_chunks(processor, family, texts[8:], 3)}
+    torch.manual_seed(123)
+    chunk_ref = {k: torch.cat([M.embed(model, c) for _, c in cs]) for k, cs in sides.items()}
+    ref_loss = loss_fn(chunk_ref)[0]
+    ref_loss.backward()
+    ref_chunks = grads_and_reset(lora)
+    torch.manual_seed(123)
+    loss, _ = train.gradcache_step(model, sides, loss_fn, "cpu", None)
+    for g, r in zip([p.grad for p in lora], ref_chunks):
+        assert torch.allclose(g, r, atol=1e-6, rtol=1e-4)
+    assert any(not torch.allclose(a, b) for a, b in zip(ref, ref_chunks))  # dropout was on
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+
+
+def test_gradcache_without_dropout_equals_unchunked_batch(tiny_path):
+    texts = [shapes.caption(s) for s in shapes.split_scenes(0)["test"][:12]]
+    teacher = unit(12, 5, seed=21).float()
+    model, processor, family = adapted_tiny(tiny_path, dropout=0.0)
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_fn(reps):
+        return distill.kd_loss(reps["a"], reps["p"], teacher[:6], teacher[6:], 0.05), {}
+    loss_fn({"a": M.embed(model, M.process(processor, family, texts=texts[:6])),
+             "p": M.embed(model, M.process(processor, family, texts=texts[6:]))})[0].backward()
+    ref = grads_and_reset(lora)
+    sides = {"a": text_chunks(processor, family, texts[:6], 4),
+             "p": text_chunks(processor, family, texts[6:], 4)}
+    train.gradcache_step(model, sides, loss_fn, "cpu", None)
+    for p, r in zip(lora, ref):
+        assert torch.allclose(p.grad, r, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcache_leaves_every_chunk_where_it_was(tiny_path):
+    """Inputs stay on the host between their chunk's forwards: a processor output's .to() moves
+    its own tensors, so moving the chunk itself would keep every chunk of the step on the GPU
+    until the step ends (memory growing with the batch, not the chunk)."""
+    texts = [shapes.caption(s) for s in shapes.split_scenes(0)["test"][:6]]
+    teacher = unit(6, 5, seed=22).float()
+    model, processor, family = adapted_tiny(tiny_path, dropout=0.0)
+    sides = {"a": text_chunks(processor, family, texts[:3], 2),
+             "p": text_chunks(processor, family, texts[3:], 2)}
+    # read-only chunks: a step that moved or replaced a chunk's tensors in place would raise
+    sides = {k: [(rows, types.MappingProxyType(dict(c))) for rows, c in cs]
+             for k, cs in sides.items()}
+    held = [dict(c) for cs in sides.values() for _, c in cs]
+    train.gradcache_step(model, sides, lambda reps: (distill.kd_loss(
+        reps["a"], reps["p"], teacher[:3], teacher[3:], 0.05), {}), "cpu", None)
+    for c, tensors in zip([c for cs in sides.values() for _, c in cs], held):
+        assert c.keys() == tensors.keys() and all(c[k] is v for k, v in tensors.items())
+
+
+def test_gradcache_with_images_and_lora_dropout_matches_full_batch(tiny_path):
+    """A stage-2 batch as train.py builds it: mixed text and image sides, split into chunks
+    of one modality and put back in row order, LoRA dropout on the vision tower too."""
+    import argparse
+    import functools
+    model, processor, family = adapted_tiny(tiny_path, dropout=0.2, include_vision=True)
+    model.train()
+    lora = [p for p in model.parameters() if p.requires_grad]
+    scenes = shapes.split_scenes(0)["train"]
+    args = argparse.Namespace(stage=2, batch_size=10, seed=0, chunk_size=3, image_size=None,
+                              hard_negatives=False, max_steps=1)
+    source = {"n_rows": 60, "rows": functools.partial(toy.default.stage2_rows, scenes, seed=0,
+                                                      train_scenes=set(scenes))}
+    batch = train.StepBatches(args, source, processor, family, rank=0, world=1)[0]
+    for side, chunks in batch["sides"].items():
+        assert sorted(i for idx, _ in chunks for i in idx) == list(range(10))
+        assert len({"pixel_values" in c for _, c in chunks}) == 2  # both modalities present
+
+    def loss_fn(reps):
+        return hardneg.hardneg_loss(reps["qry"], reps["pos"], k=3, beta=0.1), {}
+    # reference: the same chunks embedded with a graph in one pass, same dropout masks
+    torch.manual_seed(7)
+    ref_reps = {}
+    for side, chunks in batch["sides"].items():
+        ref_reps[side] = torch.empty(10, 64)
+        for idx, chunk in chunks:
+            ref_reps[side] = ref_reps[side].index_put((torch.tensor(idx),), M.embed(model, chunk))
+    ref_loss = loss_fn(ref_reps)[0]
+    ref_loss.backward()
+    ref = grads_and_reset(lora)
+    torch.manual_seed(7)
+    loss, _ = train.gradcache_step(model, batch["sides"], loss_fn, "cpu", None)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert any("vision_tower" in n and p.grad is not None for n, p in model.named_parameters())
+    for g, r in zip([p.grad for p in lora], ref):
+        assert torch.allclose(g, r, atol=1e-6, rtol=1e-4)
 
 
 # ---------------------------------------------------------------- §4.2 evaluation protocols
@@ -767,7 +797,6 @@ def test_resume_continues_exactly_where_the_checkpoint_stopped(tiny_path, tmp_pa
                                                               monkeypatch):
     """Killed right after the checkpoint of step 4 of 8, then --resume: the same adapter, bit
     for bit, as an uninterrupted run (CPU), and the log holds each step once."""
-    import checkpoint
     nli = write_nli(tmp_path / "nli.jsonl", toy.default.text_pairs(shapes.split_scenes(0)["train"], 110,
                                                            seed=0))
     common = ["--stage", "1", "--model", tiny_path, "--data", nli, "--max-steps", "8",
@@ -775,16 +804,16 @@ def test_resume_continues_exactly_where_the_checkpoint_stopped(tiny_path, tmp_pa
               "--lora-dropout", "0.1", "--teacher", "all-MiniLM-L6-v2",
               "--teacher-cache", str(tmp_path / "t.pt"), "--workers", "0"]
     train.main(common + ["--out", str(tmp_path / "straight")])
-    save = checkpoint.save
+    save = runs.save
 
     def crash_after_first_save(*args):
         save(*args)
         raise KeyboardInterrupt  # the machine goes down right after step 4 is on disk
-    monkeypatch.setattr(checkpoint, "save", crash_after_first_save)
+    monkeypatch.setattr(runs, "save", crash_after_first_save)
     with pytest.raises(KeyboardInterrupt):
         train.main(common + ["--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(checkpoint, "save", save)
-    assert M.read_stage_meta(tmp_path / "resumed") is None  # not marked finished
+    monkeypatch.setattr(runs, "save", save)
+    assert runs.read_stage_meta(tmp_path / "resumed") is None  # not marked finished
     train.main(common + ["--out", str(tmp_path / "resumed"), "--resume"])
     a = torch.load(tmp_path / "straight" / "adapter.pt")
     b = torch.load(tmp_path / "resumed" / "adapter.pt")

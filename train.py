@@ -19,13 +19,13 @@ import time
 import torch
 import torch.distributed as dist
 
-import checkpoint
 import config
 import data
 import distill
 import families
 import hardneg
 import model as M
+import runs
 import toy.default
 
 SIDES = {1: ("sent0", "sent1"), 2: ("qry", "pos")}  # the two embedded sides of a pair
@@ -99,36 +99,32 @@ class StepBatches(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------- GradCache (§4.1)
 
-def gradcache_step(model, sides, loss_fn, device, amp):
-    """One large-batch step whose memory follows the chunk (Gao et al. 2021). sides: {name:
-    [(row positions, processed chunk), ...]}; loss_fn({name: (n, d)}) -> (loss, stats). Leaves
-    in .grad exactly the parameter gradients of one full-batch step."""
-    def forward(chunk):  # a copy on the device: a processor output's .to() would move the
-        # chunk itself, and every chunk of the step would then stay on the device to its end
-        with M.autocast(device, amp):
-            return M.embed(model, {k: v.to(device, non_blocking=True) if torch.is_tensor(v)
-                                   else v for k, v in chunk.items()})
-
-    def rng_state():
-        return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
+def gradcache_embed(model, sides, device, amp):
+    """GradCache's first pass: every chunk embedded without a graph (the RNG state before each
+    recorded) -> ({side: (n, d) embeddings in row order, leaves that will hold d loss / d
+    embedding}, the states). sides: {name: [(row positions, processed chunk), ...]}."""
     cuda = torch.device(device).type == "cuda"
-    # 1. embed every chunk without a graph, remembering the RNG state before each
     states, reps = {}, {}
     with torch.no_grad():
         for name, chunks in sides.items():
             states[name], outs = [], []
             for idx, chunk in chunks:
-                states[name].append(rng_state())
-                outs.append((idx, forward(chunk)))
+                states[name].append((torch.get_rng_state(),
+                                     torch.cuda.get_rng_state(device) if cuda else None))
+                outs.append((idx, chunk_forward(model, chunk, device, amp)))
             rep = torch.empty(sum(len(i) for i, _ in outs), outs[0][1].shape[1], device=device)
             for idx, e in outs:
                 rep[torch.as_tensor(idx, device=device)] = e  # back to row order
             reps[name] = rep.requires_grad_()
-    # 2. the loss of the whole batch, and its gradient at every embedding
-    loss, stats = loss_fn(reps)
-    loss.backward()
-    # 3. re-embed each chunk with a graph under its saved RNG state (dropout repeats), and
-    #    backpropagate the cached gradient through it
+    return reps, states
+
+
+def gradcache_backward(model, sides, reps, states, device, amp):
+    """GradCache's last pass, after the loss's backward filled reps[side].grad: each chunk
+    embedded again with a graph under its saved RNG state (dropout repeats), and its cached
+    gradient backpropagated through it. .grad then holds exactly the parameter gradients of one
+    full-batch step (Gao et al. 2021), while memory follows the chunk."""
+    cuda = torch.device(device).type == "cuda"
     for name, chunks in sides.items():
         for (idx, chunk), (cpu, gpu) in zip(chunks, states[name]):
             with torch.random.fork_rng(devices=[device] if cuda else []):
@@ -136,7 +132,23 @@ def gradcache_step(model, sides, loss_fn, device, amp):
                 if gpu is not None:
                     torch.cuda.set_rng_state(gpu, device)
                 grad = reps[name].grad[torch.as_tensor(idx, device=device)]
-                (forward(chunk) * grad).sum().backward()
+                (chunk_forward(model, chunk, device, amp) * grad).sum().backward()
+
+
+def chunk_forward(model, chunk, device, amp):
+    """A chunk's embeddings, from a copy on the device: a processor output's .to() would move
+    the chunk itself, and every chunk of the step would then stay on the device to its end."""
+    with M.autocast(device, amp):
+        return M.embed(model, {k: v.to(device, non_blocking=True) if torch.is_tensor(v)
+                               else v for k, v in chunk.items()})
+
+
+def gradcache_step(model, sides, loss_fn, device, amp):
+    """GradCache's three passes around loss_fn({name: (n, d)}) -> (loss, stats)."""
+    reps, states = gradcache_embed(model, sides, device, amp)
+    loss, stats = loss_fn(reps)
+    loss.backward()
+    gradcache_backward(model, sides, reps, states, device, amp)
     return loss.detach(), stats
 
 
@@ -183,29 +195,49 @@ def average_gradients(params, world):
         p.grad = g.view_as(p)
 
 
-# ---------------------------------------------------------------- the stage's loss
+# ---------------------------------------------------------------- one step
 
-def stage_loss(args, reps, teacher, generator, world):
-    """Eq. 2 (stage 1) or Eq. 4 (stage 2) over the global batch: each rank holds its shard's
-    embeddings and gathers the others'. Every rank computes the same loss L, but its backward
-    reaches only its own shard; DDP-style averaging divides by `world`, so the loss is scaled
-    by it and the averaged gradient is dL/dθ."""
-    g = {side: gather_with_grad(e) for side, e in reps.items()}
-    if args.stage == 1:
-        t = {side: gather_with_grad(rows) for side, rows in teacher.items()}
-        loss = distill.kd_loss(g["sent0"], g["sent1"], t["sent0"], t["sent1"], args.tau,
-                               args.kd_direction, g.get("hard_neg"), t.get("hard_neg"))
-        stats = {}
-    elif args.loss == "unime":
-        loss, stats = hardneg.hardneg_loss(g["qry"], g["pos"], args.k, args.beta, args.tau,
+def train_step(args, step, model, opt, batch, targets, generator, world, device, amp):
+    """One optimizer step on the global batch -> (loss, pre-clip gradient norm, statistics).
+    Each rank embeds its shard (GradCache) and gathers the others'; every rank computes the
+    same loss L, but its backward reaches only its own shard, and the gradients are averaged
+    over the ranks, so L is scaled by `world`: the result is dL/dθ. targets: stage 1's teacher
+    embeddings of the batch's rows."""
+    reps, states = gradcache_embed(model, batch["sides"], device, amp)
+    e = {side: gather_with_grad(x) for side, x in reps.items()}  # (global batch, d) per side
+    if args.stage == 1:  # Eq. 2: the student's in-batch similarity distributions -> the teacher's
+        t = {side: gather_with_grad(x) for side, x in targets.items()}
+        loss, stats = distill.kd_loss(e["sent0"], e["sent1"], t["sent0"], t["sent1"], args.tau,
+                                      args.kd_direction, e.get("hard_neg"), t.get("hard_neg")), {}
+    elif args.loss == "unime":  # Eq. 4 over the k hardest negatives (Eq. 3) the filter leaves
+        loss, stats = hardneg.hardneg_loss(e["qry"], e["pos"], args.k, args.beta, args.tau,
                                            args.negatives, generator, return_stats=True)
-    elif args.loss == "masked-infonce":  # not UniME: a baseline to compare Eq. 4 with
-        loss, stats = hardneg.masked_infonce_loss(g["qry"], g["pos"], args.beta, args.tau,
-                                                  return_stats=True)
-    else:  # "hardness-weighted", not UniME: LLaVE's loss, a baseline
-        loss, stats = hardneg.hardness_weighted_loss(g["qry"], g["pos"], args.alpha, args.beta,
-                                                     args.tau, return_stats=True)
-    return loss * world, stats
+    else:  # NOT UniME: the losses it is compared with
+        loss, stats = baseline_loss(args, e["qry"], e["pos"])
+    (loss * world).backward()  # d loss / d embedding, for every row of the batch
+    gradcache_backward(model, batch["sides"], reps, states, device, amp)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    average_gradients(params, world)
+    # the norm before clipping is logged; --grad-clip 0 clips nothing (a factor of 1)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf).item()
+    loss = loss.item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise SystemExit(f"step {step + 1}: the loss ({loss}) or the gradient norm "
+                         f"({grad_norm}) is not finite; this step was not applied, and "
+                         f"{args.out}/checkpoint.pt (if any) is the last good state. "
+                         f"Lower --lr, raise --tau, or check the data.")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, grad_norm, stats
+
+
+def baseline_loss(args, q, c):
+    """--loss masked-infonce (Qwen3-Embedding: every in-batch negative but the β mask) or
+    hardness-weighted (LLaVE: every negative weighted by e^(α·sim)); not UniME."""
+    if args.loss == "masked-infonce":
+        return hardneg.masked_infonce_loss(q, c, args.beta, args.tau, return_stats=True)
+    return hardneg.hardness_weighted_loss(q, c, args.alpha, args.beta, args.tau,
+                                          return_stats=True)
 
 
 # ---------------------------------------------------------------- the loop
@@ -233,111 +265,109 @@ def checkpoint_activations(model):
     enable({"use_reentrant": False})
 
 
-def train(args, source):
-    """The UniME loop for either stage -> the held-out report before and after (or {})."""
-    rank, world, device = init_distributed(args.device)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over the "
-                         f"{world} processes")
-    main_rank = rank == 0
-    with checkpoint.claimed(args) if main_rank else contextlib.nullcontext() as lock:
-        weights, amp = M.precision(device, args.dtype)
-        report = source["report"]
-        if args.stage == 1:  # first: a bad cache fails in seconds, and the teacher's memory
-            M.require_model(args.model, args.trust_remote_code)  # is freed before the student
-            teacher, index, teacher_rows = distill.teacher_targets(args, source, device)  # loads
-            if source["heldout"]:
-                report = distill.teacher_report(teacher, index, source["heldout"], device, amp)
-        model, processor, family = M.load_embedder(args.model, device, weights,
-                                                   args.trust_remote_code, args.family,
-                                                   load_in_4bit=args.load_in_4bit)
-        lora = add_trainable(model, family, args)
-        if args.gradient_checkpointing:
-            checkpoint_activations(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        print(f"trainable: {sum(p.numel() for p in params):,} of {M.count_parameters(model):,}")
-        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-        generator = torch.Generator().manual_seed(args.seed)  # random negatives, on every rank
-        settings = checkpoint.run_config(args)
-        start = checkpoint.load(args.out, model, opt, generator, settings) if args.resume else 0
-        before = report(model.eval(), processor, family) if report and main_rank else {}
-        batches = iter(torch.utils.data.DataLoader(
-            StepBatches(args, source, processor, family, rank, world), batch_size=None,
-            sampler=range(start, args.max_steps), num_workers=args.workers,
-            prefetch_factor=1 if args.workers else None,  # an item is a whole step: 1 ahead each
-            pin_memory=torch.device(device).type == "cuda",
-            worker_init_fn=functools.partial(checkpoint.close_in_worker, lock),
-            generator=torch.Generator()))  # its own: the global RNG (dropout) stays untouched
-        log = checkpoint.open_log(args.out, start) if main_rank else None
-        history, t0 = [], time.time()
-        for step in range(start, args.max_steps):
-            lr = lr_at(step, args.lr, args.warmup, args.max_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            waited = time.time()
-            batch = next(batches)  # this rank's rows of the global batch, processed per chunk
-            waited = time.time() - waited  # > 0: the step waited for its inputs (--workers)
-            if args.stage == 1:  # the teacher's embeddings of the same sentences, by row id
-                targets = {k: teacher[ids[batch["ids"]].to(device)]
-                           for k, ids in teacher_rows.items()}
-            model.train()
-            loss, stats = gradcache_step(model, batch["sides"], lambda reps: stage_loss(
-                args, reps, targets if args.stage == 1 else None, generator, world), device, amp)
-            average_gradients(params, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()  # pre-clip
-            loss = loss.item() / world
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise SystemExit(f"step {step + 1}: the loss ({loss}) or the gradient norm "
-                                 f"({grad_norm}) is not finite; this step was not applied, and "
-                                 f"{args.out}/checkpoint.pt (if any) is the last good state. "
-                                 f"Lower --lr, raise --tau, or check the data.")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            rate = (step + 1 - start) * args.batch_size / (time.time() - t0)
-            record = {"step": step + 1, "loss": round(loss, 5), "lr": lr,
-                      "grad_norm": round(grad_norm, 5), "samples_per_s": round(rate, 1),
-                      "input_wait_s": round(waited, 3),
-                      **{k: round(v, 4) for k, v in stats.items()}}
-            if args.stage == 2:
-                history.append(record)
-                # collapsed, all similarities are equal and the loss is ln(1 + k): the full-
-                # batch losses have batch - 1 negatives, each weighing e^α when hardness-weighted
-                hardneg.collapse_guard(history, args.k if args.loss == "unime" else
-                               (args.batch_size - 1) * math.exp(args.alpha or 0.0))
-            if not main_rank:
-                continue  # other ranks neither log nor save
-            log.write(json.dumps(record) + "\n")
-            if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
-                eta = (args.max_steps - step - 1) * args.batch_size / rate
-                print(f"step {step + 1}/{args.max_steps} loss {loss:.4f} lr {lr:.2e} grad "
-                      f"{grad_norm:.3f} {rate:.0f} samples/s ETA {eta:.0f}s", flush=True)
-            if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
-                log.flush()
-                checkpoint.save(args.out, model, opt, step + 1, generator, settings)
-        if not main_rank:
-            return {}
-        log.close()
-        M.save_stage_output(args.out, model, processor, args.model, args.stage, family, lora)
-        after = report(model.eval(), processor, family) if report else {}
-    if before:
-        print(f"\nstage {args.stage}, held-out | before | after\n---|---|---")
-        for key in before:
-            print(f"{key} | {before[key]:.3f} | {after[key]:.3f}")
-    return {"before": before, "after": after}
+def train(args, source, rank=0, world=1, device="cpu", lock=None):
+    """The UniME loop for either stage, in a claimed --out -> the held-out report before and
+    after ({} on other ranks than the first)."""
+    weights, amp = M.precision(device, args.dtype)
+    report = source["report"]
+    if args.stage == 1:  # first: a bad cache fails in seconds, and the teacher's memory
+        runs.require_model(args.model, args.trust_remote_code)  # is freed before the student
+        teacher, index, teacher_rows = distill.teacher_targets(args, source, device)  # loads
+        if source["heldout"]:
+            report = distill.teacher_report(teacher, index, source["heldout"], device, amp)
+    model, processor, family = runs.load_embedder(args.model, device, weights,
+                                                  args.trust_remote_code, args.family,
+                                                  load_in_4bit=args.load_in_4bit)
+    lora = add_trainable(model, family, args)
+    if args.gradient_checkpointing:
+        checkpoint_activations(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    print(f"trainable: {sum(p.numel() for p in params):,} of {M.count_parameters(model):,}")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    generator = torch.Generator().manual_seed(args.seed)  # random negatives, on every rank
+    settings = runs.run_config(args)
+    start = runs.load(args.out, model, opt, generator, settings) if args.resume else 0
+    before = report(model.eval(), processor, family) if report and rank == 0 else {}
+    batches = iter(torch.utils.data.DataLoader(
+        StepBatches(args, source, processor, family, rank, world), batch_size=None,
+        sampler=range(start, args.max_steps), num_workers=args.workers,
+        prefetch_factor=1 if args.workers else None,  # an item is a whole step: 1 ahead each
+        pin_memory=torch.device(device).type == "cuda",
+        worker_init_fn=functools.partial(runs.close_in_worker, lock),
+        generator=torch.Generator()))  # its own: the global RNG (dropout) stays untouched
+    log = runs.open_log(args.out, start) if rank == 0 else None
+    history, t0 = [], time.time()
+    for step in range(start, args.max_steps):
+        lr = lr_at(step, args.lr, args.warmup, args.max_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        waited = time.time()
+        batch = next(batches)  # this rank's rows of the global batch, processed per chunk
+        waited = time.time() - waited  # > 0: the step waited for its inputs (--workers)
+        targets = {k: teacher[ids[batch["ids"]].to(device)]  # the teacher's rows, by row id
+                   for k, ids in teacher_rows.items()} if args.stage == 1 else None
+        model.train()
+        loss, grad_norm, stats = train_step(args, step, model, opt, batch, targets, generator,
+                                            world, device, amp)
+        rate = (step + 1 - start) * args.batch_size / (time.time() - t0)
+        record = {"step": step + 1, "loss": round(loss, 5), "lr": lr,
+                  "grad_norm": round(grad_norm, 5), "samples_per_s": round(rate, 1),
+                  "input_wait_s": round(waited, 3), **{k: round(v, 4) for k, v in stats.items()}}
+        if args.stage == 2:
+            history.append(record)
+            # collapsed, all similarities are equal and the loss is ln(1 + k): the full-batch
+            # losses have batch - 1 negatives, each weighing e^α when hardness-weighted
+            hardneg.collapse_guard(history, args.k if args.loss == "unime" else
+                                   (args.batch_size - 1) * math.exp(args.alpha or 0.0))
+        if rank != 0:
+            continue  # other ranks neither log nor save
+        log.write(json.dumps(record) + "\n")
+        if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+            eta = (args.max_steps - step - 1) * args.batch_size / rate
+            print(f"step {step + 1}/{args.max_steps} loss {loss:.4f} lr {lr:.2e} grad "
+                  f"{grad_norm:.3f} {rate:.0f} samples/s ETA {eta:.0f}s", flush=True)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
+            log.flush()
+            runs.save(args.out, model, opt, step + 1, generator, settings)
+    if rank != 0:
+        return {}
+    log.close()
+    runs.save_stage_output(args.out, model, processor, args.model, args.stage, family, lora)
+    return {"before": before, "after": report(model.eval(), processor, family) if report else {}}
 
 
 # ---------------------------------------------------------------- the command line
 
+def configure(argv=None):
+    """(settings, training rows) of a run: config.py resolves the command line; without
+    --model, the embedded default (toy/default.py) gives its settings and rows, else --data
+    names the paper's data."""
+    args = config.parse_args(argv)  # every value given is checked here, before any work
+    toy_run = args.model is None
+    args = config.resolve(args, toy.default.settings(args.stage, args.init) if toy_run else None)
+    source = toy.default.source(args) if toy_run else config.read_data(args)
+    return config.fit_to_data(args, source["n_rows"]), source
+
+
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader's workers tokenize
-    args = config.parse_args(argv)
+    args, source = configure(argv)
+    if source.get("first"):  # the toy's stage 2 starts from its stage-1 output
+        print("no stage-1 output yet: running stage 1 first", flush=True)
+        main(source["first"])
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    if args.model is None:  # the embedded default: toy/default.py's pretrained tiny LLaVA and data
-        source = toy.default.setup(args, run_train=main)
-    else:
-        source = config.read_data(args)
-    return train(config.finish_args(args, source), source)
+    rank, world, device = init_distributed(args.device)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over the "
+                         f"{world} processes")
+    with runs.claimed(args) if rank == 0 else contextlib.nullcontext() as lock:
+        result = train(args, source, rank, world, device, lock)
+    if result.get("before"):
+        print(f"\nstage {args.stage}, held-out | before | after\n---|---|---")
+        for key in result["before"]:
+            print(f"{key} | {result['before'][key]:.3f} | {result['after'][key]:.3f}")
+    return result
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 
 import eval as ev
 import model as M
+import runs
 import toy.default
 import toy.benchmark
 import train
@@ -92,9 +93,9 @@ def score_model(path, result_path, device):
     """toy.benchmark.score of a finished model, kept in result_path (JSON) once computed."""
     if os.path.isfile(result_path):
         return json.load(open(result_path, encoding="utf-8"))
-    model, processor, family = M.load_embedder(path, device)
+    model, processor, family = runs.load_embedder(path, device)
     scores = toy.benchmark.score(ev.make_encoder(model.eval(), processor, family, device=device))
-    M.save_atomic(result_path, json.dumps({"model": path, "scores": scores}, indent=1))
+    runs.save_atomic(result_path, json.dumps({"model": path, "scores": scores}, indent=1))
     return {"model": path, "scores": scores}
 
 
@@ -120,7 +121,7 @@ def train_once(out, argv):
         after = train.main(argv + ["--out", out] + again)["after"]
         train_s = round(time.time() - t0, 1)
     record = {"argv": argv, "after": after, "train_s": train_s}
-    M.save_atomic(record_path, json.dumps(record, indent=1))
+    runs.save_atomic(record_path, json.dumps(record, indent=1))
     return record
 
 
@@ -209,9 +210,9 @@ def main(argv=None):
     columns = METRICS if args.table == "stages" else ("false-negative share",) + METRICS
     results = {}
     for label, name, stage1, stage2 in rows:
-        runs = [run_row(args.root, args.table, (label, name, stage1, stage2), seed, budget,
-                        args.device) for seed in args.seeds]
-        results[label] = {c: [r[c] for r in runs] for c in columns}
+        scores = [run_row(args.root, args.table, (label, name, stage1, stage2), seed, budget,
+                          args.device) for seed in args.seeds]
+        results[label] = {c: [r[c] for r in scores] for c in columns}
     label_of = {r[1]: r[0] for r in rows}
     means, diffs = tables(results, [(label_of[a], label_of[b]) for a, b in
                                     comparisons(args.table, [r[1] for r in rows])])
@@ -222,7 +223,7 @@ def main(argv=None):
              else "") + "; mean ± standard deviation over seeds, in %\n")
     print(means + "\n\n" + diffs + "\n\n* larger than the spread (the two standard deviations "
           f"added)\nwall time {wall / 60:.1f} min (runs reused from an earlier call count 0)")
-    M.save_atomic(os.path.join(args.root, f"{args.table}.json"), json.dumps({
+    runs.save_atomic(os.path.join(args.root, f"{args.table}.json"), json.dumps({
         "table": args.table, "seeds": args.seeds, "budget": budget, "wall_s": round(wall, 1),
         "duplicates": DUPLICATES if args.table == "beta" else 0.0, "results": results},
         indent=1))

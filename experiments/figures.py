@@ -11,6 +11,7 @@
 Models load exactly as in eval.py (--family, --trust-remote-code, --dtype).
 """
 import argparse
+import io
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from PIL import Image, ImageDraw
 import data
 import eval as ev
 import model as M
+import runs
 from toy import shapes
 import toy.default
 
@@ -33,6 +35,12 @@ def _colormap(x):
     anchors = np.array([[20, 20, 70], [40, 90, 160], [50, 170, 130], [250, 230, 60]], float)
     pos = np.linspace(0, 1, len(anchors))
     return np.stack([np.interp(x, pos, anchors[:, c]) for c in range(3)], -1).astype(np.uint8)
+
+
+def save_png(img, path):
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    runs.save_atomic(path, png.getvalue())
 
 
 def heatmap_png(matrices, path, panel=300, margin=20, title_h=24):
@@ -51,7 +59,7 @@ def heatmap_png(matrices, path, panel=300, margin=20, title_h=24):
         draw.text((x, 6), name, fill="black")
     draw.text((margin, title_h + panel + 4), f"cosine {lo:.2f} (dark) to {hi:.2f} (bright)",
               fill="black")
-    img.save(path)
+    save_png(img, path)
 
 
 def line_chart_png(series, path, title, log_y=False, xlabel="step", ylabel="", size=(640, 400)):
@@ -85,7 +93,7 @@ def line_chart_png(series, path, title, log_y=False, xlabel="step", ylabel="", s
             draw.line(points, fill=color, width=2)
         draw.line([(W - right + 10, ly), (W - right + 30, ly)], fill=color, width=3)
         draw.text((W - right + 36, ly - 6), name, fill="black")
-    img.save(path)
+    save_png(img, path)
 
 
 @torch.no_grad()
@@ -145,7 +153,7 @@ def main(argv=None):
         print(f"\n{caption}")
         for path, t in tokens.items():
             print(f"  {path:>20}: " + ", ".join(f"{w} {100 * q:.1f}%" for w, q in t[i]))
-    M.save_atomic(os.path.join(args.out, "next_tokens.json"),
+    runs.save_atomic(os.path.join(args.out, "next_tokens.json"),
                   json.dumps({"captions": captions[:4], "tokens": tokens}, indent=1))
     if args.logs:
         logs = {os.path.basename(os.path.dirname(os.path.abspath(f))):

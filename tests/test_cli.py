@@ -6,6 +6,7 @@ the one-GPU memory features (gradient checkpointing, bf16 weights with fp32 adap
 """
 import argparse
 import json
+import math
 import os
 
 import pytest
@@ -58,18 +59,102 @@ def test_a_real_model_needs_out_and_init_is_the_toys(capsys, tiny_path):
 
 
 def test_lora_shape_without_a_lora_is_refused_also_for_the_toys_full_fine_tune():
-    args = config.parse_args(["--stage", "2", "--lora-alpha", "8"])
-    args.lora_r = 0  # what toy.default.setup sets for its stage 2
+    args = config.parse_args(["--stage", "2", "--init", "base", "--lora-alpha", "8"])
+    assert toy.default.settings(2, "base")["lora_r"] == 0  # the toy's stage 2
     with pytest.raises(SystemExit, match="--lora-r 0"):
-        config.finish_args(args, {"n_rows": 100})
+        config.resolve(args, toy.default.settings(2, "base"))
 
 
 def test_toy_honours_eval_pairs():
-    args = config.parse_args(["--stage", "1", "--eval-pairs", "7"])
-    assert len(toy.default.setup(args, run_train=None)["heldout"]) == 7
+    assert len(train.configure(["--stage", "1", "--eval-pairs", "7"])[1]["heldout"]) == 7
+
+
+# ---------------------------------------------------------------- numbers, checked before any work
+
+def numbers_refused(argv):
+    """The one-line message for a bad number (SystemExit with the message as its code)."""
+    with pytest.raises(SystemExit) as e:
+        config.parse_args(argv)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code
+    return e.value.code
+
+
+@pytest.mark.parametrize("stage, flag, value, allowed", [
+    (1, "--grad-clip", "-1", "0 or more (0: no clipping)"), (1, "--grad-clip", "nan", "0 or more"),
+    (1, "--workers", "-1", "0 or more"), (1, "--lora-r", "-4", "0 or more"),
+    (1, "--lora-dropout", "1", "in [0, 1)"), (1, "--lora-dropout", "-0.1", "in [0, 1)"),
+    (1, "--weight-decay", "-0.01", "0 or more"), (1, "--weight-decay", "nan", "0 or more"),
+    (2, "--k", "0", "at least 1"), (2, "--beta", "-inf", "a number, inf or none"),
+    (1, "--tau", "nan", "a positive number"), (2, "--tau", "inf", "a positive number"),
+    (1, "--lr", "nan", "a positive number"), (1, "--lr", "inf", "a positive number"),
+    (1, "--max-steps", "0", "at least 1"), (1, "--batch-size", "1", "at least 2"),
+    (1, "--chunk-size", "0", "at least 1"), (1, "--save-every", "0", "at least 1"),
+    (1, "--log-every", "0", "at least 1"), (1, "--eval-pairs", "-1", "0 or more"),
+    (2, "--alpha", "-1", "0 or more"), (2, "--alpha", "nan", "0 or more"),
+    (2, "--toy-duplicates", "1", "in [0, 1)"), (1, "--epochs", "0", "a positive number"),
+    (1, "--epochs", "nan", "a positive number"), (1, "--warmup", "-1", "0 or more"),
+    (1, "--lora-alpha", "0", "a positive number"), (1, "--lora-alpha", "-8", "a positive number"),
+])
+def test_a_number_out_of_range_is_refused_naming_the_flag_and_its_range(stage, flag, value,
+                                                                        allowed):
+    extra = ["--loss", "hardness-weighted"] if flag == "--alpha" else []
+    line = numbers_refused(["--stage", str(stage), f"{flag}={value}", *extra])
+    assert line.startswith(f"{flag} must be ") and allowed in line
+    assert line.rsplit(", got ", 1)[1] in (value, str(float(value)))  # the value given
+
+
+def test_the_toys_stage_2_refuses_a_bad_number_before_its_stage_1_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/stage1 here: the toy's stage 2 would run stage 1 first
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("a training run started"))
+    with pytest.raises(SystemExit, match="^--k must be at least 1, got 0$"):
+        train.main(["--stage", "2", "--k", "0"])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_grad_clip_0_clips_nothing_and_still_logs_the_norm(tiny_path):
+    """--grad-clip 0 means no clipping (HF's max_grad_norm=0), not a gradient scaled to 0: one
+    step with it moves the weights exactly as a step with an infinite clip does."""
+    texts = ["a red circle", "a blue square", "two green crosses", "a purple star"]
+    moved = {}
+    for clip in (0.0, math.inf):
+        torch.manual_seed(0)
+        model, processor, family = M.load_mllm(tiny_path)
+        args = argparse.Namespace(stage=2, lora_r=4, lora_alpha=8, lora_dropout=0.0, loss="unime",
+                                  k=2, beta=0.1, tau=0.02, negatives="hard", grad_clip=clip,
+                                  out="o")
+        train.add_trainable(model, family, args)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, M.LoRALinear):
+                    m.lora_B.normal_(std=0.1)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        batch = {"sides": {"qry": [([0, 1, 2, 3], M.process(processor, family, texts=texts))],
+                           "pos": [([0, 1, 2, 3], M.process(processor, family,
+                                                          texts=texts[1:] + texts[:1]))]}}
+        loss, norm, _ = train.train_step(args, 0, model.train(), opt, batch, None,
+                                         torch.Generator(), 1, "cpu", None)
+        moved[clip] = {n: p.detach() - before[n] for n, p in model.named_parameters()
+                       if p.requires_grad}
+        assert norm > 1.5  # a norm that a clip to 1 would have scaled down
+    assert all(torch.equal(moved[0.0][n], moved[math.inf][n]) for n in moved[0.0])
+    assert any(d.abs().max() > 0 for d in moved[0.0].values())  # the weights did move
+
+
+def test_eval_refuses_numbers_out_of_range_before_reading_data(capsys):
+    import eval as ev
+    for flag, value in (("--batch-size", "0"), ("--max-captions", "0"), ("--limit", "-1")):
+        with pytest.raises(SystemExit):
+            ev.parse_args(["--task", "retrieval", "--model", "m", "--data", "x.jsonl", flag,
+                           value])
+        assert f"{flag} must be at least 1, got {value}" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- presets
+
+def resolved(argv):
+    return config.resolve(config.parse_args(argv))
+
 
 def fake_model(folder, model_type):
     os.makedirs(folder)
@@ -83,39 +168,48 @@ def fake_model(folder, model_type):
     ("llava_onevision", "paper-llava-ov", 1e-4)])
 def test_preset_paper_picks_the_backbones_settings(tmp_path, model_type, preset, lr):
     model = fake_model(tmp_path / "m", model_type)
-    args = config.parse_args(["--stage", "2", "--preset", "paper", "--model", model, "--out",
-                              "o"])
+    args = resolved(["--stage", "2", "--preset", "paper", "--model", model, "--out", "o"])
     assert config.preset_name(args) == preset
     assert (args.lr, args.batch_size, args.max_steps, args.lora_r, args.tau) == \
         (lr, 1024, 1000, 16, 0.02)  # Table 6
     assert args.trust_remote_code is False  # only the command line turns remote code on
-    stage1 = config.parse_args(["--stage", "1", "--preset", "paper", "--model", model, "--out",
-                                "o"])
+    stage1 = resolved(["--stage", "1", "--preset", "paper", "--model", model, "--out", "o"])
     assert (stage1.lr, stage1.batch_size, stage1.epochs, stage1.lora_r) == (5e-4, 768, 2, 32)
 
 
 def test_preset_paper_refuses_a_family_the_paper_did_not_train(tiny_path):
     with pytest.raises(SystemExit, match="is 'llava'. Name a preset"):
-        config.parse_args(["--stage", "2", "--preset", "paper", "--model", tiny_path, "--out",
-                           "o"])
-    args = config.parse_args(["--stage", "2", "--preset", "paper", "--model", tiny_path,
-                              "--family", "llava_next", "--out", "o"])
+        resolved(["--stage", "2", "--preset", "paper", "--model", tiny_path, "--out", "o"])
+    args = resolved(["--stage", "2", "--preset", "paper", "--model", tiny_path, "--family",
+                     "llava_next", "--out", "o"])
     assert args.lr == 2e-5
 
 
 def test_flags_given_on_the_command_line_beat_the_preset(tmp_path):
     model = fake_model(tmp_path / "m", "phi3_v")
     base = ["--preset", "paper-llava16", "--model", model, "--out", "o"]
-    args = config.parse_args(["--stage", "2", *base, "--max-steps", "5", "--lr", "3e-4",
-                              "--batch-size", "64", "--lora-dropout", "0.0", "--tau", "0.05"])
+    args = resolved(["--stage", "2", *base, "--max-steps", "5", "--lr", "3e-4", "--batch-size",
+                     "64", "--lora-dropout", "0.0", "--tau", "0.05"])
     assert (args.max_steps, args.lr, args.batch_size, args.lora_dropout, args.tau) == \
         (5, 3e-4, 64, 0.0, 0.05)
-    by_epochs = config.parse_args(["--stage", "2", *base, "--epochs", "1"])
+    by_epochs = resolved(["--stage", "2", *base, "--epochs", "1"])
     assert by_epochs.max_steps is None and by_epochs.epochs == 1  # not the preset's 1000 steps
-    by_steps = config.parse_args(["--stage", "1", *base, "--max-steps", "7"])
+    assert config.fit_to_data(by_epochs, 5000).max_steps == 5000 // 1024  # one pass
+    by_steps = resolved(["--stage", "1", *base, "--max-steps", "7"])
     assert by_steps.epochs is None and by_steps.max_steps == 7  # not the preset's 2 epochs
-    full = config.parse_args(["--stage", "2", *base, "--lora-r", "0"])
-    assert full.lora_alpha is None and full.lora_dropout is None  # no LoRA to shape
+    full = resolved(["--stage", "2", *base, "--lora-r", "0"])  # the preset's LoRA shape is not
+    assert full.lora_r == 0  # refused: only a shape given on the command line is
+
+
+def test_each_value_comes_from_the_first_layer_that_sets_it():
+    """command line > preset > the toy's settings > DEFAULTS > the loss's own defaults."""
+    toy_run = config.resolve(config.parse_args(["--stage", "2", "--init", "base", "--lr",
+                                                "7e-4"]), toy.default.settings(2, "base"))
+    assert toy_run.lr == 7e-4  # the command line
+    assert toy_run.max_steps == toy.default.SETTINGS[2]["max_steps"]  # the toy's
+    assert toy_run.beta == config.DEFAULTS[2]["beta"]  # the toy sets no β: the stage default
+    assert toy_run.k == config.LOSSES["unime"]["k"]  # the loss's own
+    assert (toy_run.model, toy_run.out) == (toy.default.PRETRAINED, "runs/stage2-base")
 
 
 # ---------------------------------------------------------------- missing models, progress

@@ -21,6 +21,7 @@ from PIL import Image
 
 import eval as ev
 import model as M
+import runs
 import tiny_phi3_v
 import train
 from test_families import SPECS, build, build_checkpoint
@@ -86,7 +87,7 @@ def run_pipeline(model, root, tmp, family=()):
                       str(root / "ImageNet-1K.jsonl"), str(root / "MSCOCO_t2i.jsonl"),
                       "--image-root", str(root), "--cache-dir", "", "--out",
                       str(tmp / "results.json")])
-    return [M.read_stage_meta(tmp / s) for s in ("stage1", "stage2")], result
+    return [runs.read_stage_meta(tmp / s) for s in ("stage1", "stage2")], result
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -100,7 +101,7 @@ def test_stage1_stage2_and_mmeb_eval_by_path(name, paper_data, tmp_path, monkeyp
             assert path == PHI_STAND_IN
             return (*tiny_phi3_v.build_phi3_v(), "phi3_v")
         monkeypatch.setattr(M, "load_mllm", load_stand_in)
-        monkeypatch.setattr(M, "require_model", lambda *a: None)  # no config to look up
+        monkeypatch.setattr(runs, "require_model", lambda *a: None)  # no config to look up
         model = PHI_STAND_IN
     else:
         model = build_checkpoint(name, tmp_path)
@@ -124,7 +125,7 @@ EVAL_SIDE = {"llava_next": 1344, "llava_onevision": 1344, "qwen2_vl": 1344, "qwe
 def mmeb_by_hand(path, root, family):
     """The MMEB scores from the model's own embeddings, one input at a time: each row's query
     against its own candidates, a hit when the first (gold) one scores highest."""
-    model, processor, _ = M.load_embedder(path)
+    model, processor, _ = runs.load_embedder(path)
     side = EVAL_SIDE.get(family)
 
     @functools.cache  # candidates repeat across rows

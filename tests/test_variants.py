@@ -306,18 +306,27 @@ def test_kd_unknown_direction_is_a_clear_error():
 
 @pytest.mark.parametrize("loss, extra", [("unime", ["--k", "4"]), ("masked-infonce", []),
                                          ("hardness-weighted", ["--alpha", "2"])])
-def test_stage_loss_dispatches_on_the_loss_flag_to_the_per_query_loop_value(loss, extra):
+def test_the_training_step_computes_the_loss_the_flag_names(loss, extra, monkeypatch):
+    """train.train_step on given embeddings (GradCache's passes stood in for): the loss value
+    of the per-query loop for --loss, and the gradient at the embeddings of that loop's value."""
     import config
     import train
-    args = config.parse_args(["--stage", "2", "--loss", loss, "--beta", "0.2", "--tau", "0.1"]
-                             + extra)
-    args = config.finish_args(args, {"n_rows": 1000})
+    args = config.resolve(config.parse_args(["--stage", "2", "--loss", loss, "--beta", "0.2",
+                                             "--tau", "0.1"] + extra))
     q, c = batch(5, 5, seed=4)
-    value, stats = train.stage_loss(args, {"qry": q, "pos": c}, None, None, 1)
+    reps = {"qry": q.clone().requires_grad_(), "pos": c.clone().requires_grad_()}
+    monkeypatch.setattr(train, "gradcache_embed", lambda *a: (reps, None))
+    monkeypatch.setattr(train, "gradcache_backward", lambda *a: None)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    value, _, stats = train.train_step(args, 0, None, opt, {"sides": {}}, None, None, 1, "cpu",
+                                       None)
     # Eq. 4 with k = 4 of 4 others keeps every valid negative: the full-batch loop
-    expected = full_batch_by_hand(q, c, 0.2, 0.1, alpha=2.0 if loss == "hardness-weighted" else 0)
-    assert value.item() == pytest.approx(expected, rel=1e-9)
+    alpha = 2.0 if loss == "hardness-weighted" else 0
+    expected = full_batch_by_hand(q, c, 0.2, 0.1, alpha=alpha)
+    assert value == pytest.approx(expected, rel=1e-9)
     assert set(stats) == STATS_KEYS
+    want = grads(lambda a, b: full_batch_reference(a, b, 0.2, 0.1, alpha), q, c)
+    torch.testing.assert_close((reps["qry"].grad, reps["pos"].grad), want)
 
 
 def test_beta_inf_and_none_on_the_command_line_mean_no_filter():
@@ -343,15 +352,15 @@ def test_beta_inf_and_none_on_the_command_line_mean_no_filter():
 ])
 def test_flags_that_do_not_apply_are_refused_before_anything_loads(argv, capsys):
     import config
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         config.parse_args(argv)
     flag = next(a for a in argv[2:] if a.startswith("--") and a != "--model")
-    assert flag in capsys.readouterr().err  # the message names the flag
+    assert flag in capsys.readouterr().err + str(e.value.code)  # the message names the flag
 
 
 def test_defaults_fill_only_the_flags_of_the_chosen_loss_and_stage():
     import config
-    finish = lambda argv: config.finish_args(config.parse_args(argv), {"n_rows": 1000})  # noqa
+    finish = lambda argv: config.resolve(config.parse_args(argv))  # noqa: E731
     unime = finish(["--stage", "2"])
     assert (unime.loss, unime.k, unime.negatives, unime.beta, unime.alpha) == \
         ("unime", 8, "hard", 0.1, None)

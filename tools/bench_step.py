@@ -14,6 +14,7 @@ parameters times its patches plus the language model's (without its embedding ta
 tokens; attention scores are left out. With LoRA the backward skips the frozen weights'
 gradients, so the hardware does about 6N of the 8N counted.
 """
+import argparse
 import os
 import statistics
 import time
@@ -26,9 +27,11 @@ from PIL import Image
 
 import config
 import data
+import distill
 import families
 import hardneg
 import model as M
+import runs
 from toy import shapes
 import toy.default
 import train
@@ -75,7 +78,7 @@ def build_llava(path, vision, text, image_size, patch, layers=1):
                                 pad_token_id=tok.pad_token_id),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_seq_length=(image_size // patch) ** 2, vision_feature_layer=-1))
-    M.save_pretrained(path, model, LlavaProcessor(
+    runs.save_pretrained(path, model, LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={
             "height": image_size, "width": image_size}), tokenizer=tok, patch_size=patch,
         num_additional_image_tokens=1, vision_feature_select_strategy="default"))
@@ -108,10 +111,12 @@ def timed(clock, name, f):
 
 
 def run_steps(args, source, model, processor, family, workers, steps, clock=None):
-    """train.py's loop without log or checkpoint -> per step after the first (start-up):
-    (seconds, seconds waiting for the loader, tokens). `clock` collects where time goes."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, g = torch.optim.AdamW(params, lr=1e-5), torch.Generator().manual_seed(0)
+    """train.py's loop without log or checkpoint, stepping with train.train_step itself ->
+    per step after the first (start-up): (seconds, seconds waiting for the loader, tokens).
+    `clock` collects where time goes: forward, loss, gradient exchange and optimizer are timed
+    inside the step; its backward is the rest of the step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    g = torch.Generator().manual_seed(0)
     teacher = {k: torch.randn(source["n_rows"], 384, generator=g) for k in train.SIDES[1]}
     loader = iter(torch.utils.data.DataLoader(
         train.StepBatches(args, source, processor, family, 0, 1), batch_size=None,
@@ -124,12 +129,12 @@ def run_steps(args, source, model, processor, family, workers, steps, clock=None
         t0 = time.perf_counter()
         batch = next(loader)
         t1 = time.perf_counter()
-        targets = {k: t[batch["ids"]] for k, t in teacher.items()}
-        timed(clock, "gradcache", train.gradcache_step)(model.train(), batch["sides"], timed(
-            clock, "loss", lambda reps: train.stage_loss(args, reps, targets, g, 1)), "cpu", None)
-        timed(clock, "gradient exchange", train.average_gradients)(params, 2)  # 1 process
-        timed(clock, "optimizer", opt.step)()
-        opt.zero_grad(set_to_none=True)
+        targets = {k: t[batch["ids"]] for k, t in teacher.items()} if args.stage == 1 else None
+        # world 2 in a one-process group: the loss is doubled and the gradients averaged back,
+        # so the gradient exchange runs its all-reduce as on several GPUs
+        with mock.patch.object(opt, "step", timed(clock, "optimizer", opt.step)):
+            timed(clock, "step", train.train_step)(args, step, model.train(), opt, batch,
+                                                   targets, g, 2, "cpu", None)
         tokens = sum(int(c["attention_mask"].sum()) for v in batch["sides"].values() for _, c in v)
         out += [(time.perf_counter() - t0, t1 - t0, tokens)] if step else []
     return out
@@ -138,27 +143,32 @@ def run_steps(args, source, model, processor, family, workers, steps, clock=None
 def throughput(name, args, source, steps, rounds, workers=(0, 1, 2)):
     """Samples/s and tokens/s of a stage, where a step's time goes (workers=0), and step time
     and loader wait with 0, 1, 2 workers preparing the next steps, in alternating rounds."""
-    model, processor, family = M.load_embedder(args.model)
+    model, processor, family = runs.load_embedder(args.model)
     train.add_trainable(model, family, args)
-    clock, runs = {}, {w: [] for w in workers}
+    clock, timings = {}, {w: [] for w in workers}
     with mock.patch.object(data, "load_image", timed(clock, "decode", data.load_image)), \
             mock.patch.object(M, "process", timed(clock, "processor", M.process)), \
-            mock.patch.object(M, "embed", timed(clock, "forward", M.embed)):
-        runs[0] += run_steps(args, {**source, "rows": timed(clock, "rows (toy: drawing)", source[
+            mock.patch.object(M, "embed", timed(clock, "forward", M.embed)), \
+            mock.patch.object(distill, "kd_loss", timed(clock, "loss", distill.kd_loss)), \
+            mock.patch.object(hardneg, "hardneg_loss", timed(clock, "loss", hardneg.hardneg_loss)), \
+            mock.patch.object(train, "average_gradients", timed(
+                clock, "gradient exchange", train.average_gradients)):
+        timings[0] += run_steps(args, {**source, "rows": timed(clock, "rows (toy: drawing)", source[
             "rows"])}, model, processor, family, 0, steps, clock)  # timed in parts, then rounds:
     for w in (workers[1:] + workers) * rounds:
-        if len(runs[w]) < steps * rounds:
-            runs[w] += run_steps(args, source, model, processor, family, w, steps)
-    total = sum(t for t, _, _ in runs[0][:steps])
-    clock["backward"] = clock.pop("gradcache") - clock["forward"] - clock["loss"]
+        if len(timings[w]) < steps * rounds:
+            timings[w] += run_steps(args, source, model, processor, family, w, steps)
+    total = sum(t for t, _, _ in timings[0][:steps])
+    clock["backward"] = clock.pop("step") - sum(clock[k] for k in (
+        "forward", "loss", "gradient exchange", "optimizer"))
     clock["other"] = total - sum(clock.values())
-    step = {w: statistics.median(t for t, _, _ in r) for w, r in runs.items()}
+    step = {w: statistics.median(t for t, _, _ in r) for w, r in timings.items()}
     inputs = sum(clock.get(k, 0) for k in ("decode", "processor", "rows (toy: drawing)"))
     t = {"config": name, "stage": args.stage, "batch": args.batch_size, "chunk": args.chunk_size,
          "samples_per_s": args.batch_size / step[0], "input_ms_per_sample": 1000 * inputs / steps
-         / args.batch_size, "tokens_per_s": statistics.mean(n for *_, n in runs[0]) / step[0],
+         / args.batch_size, "tokens_per_s": statistics.mean(n for *_, n in timings[0]) / step[0],
          "shares": {k: v / total for k, v in clock.items()}, "step_s": step,
-         "wait_s": {w: statistics.mean(x for _, x, _ in r) for w, r in runs.items()}}
+         "wait_s": {w: statistics.mean(x for _, x, _ in r) for w, r in timings.items()}}
     shares = sorted(t["shares"].items(), key=lambda kv: -kv[1])
     return t, [(f"{name} stage {args.stage}, batch {args.batch_size}", f"{t['samples_per_s']:.1f}"
                 f" samples/s, {t['tokens_per_s']:.0f} tokens/s; inputs "
@@ -171,11 +181,10 @@ def throughput(name, args, source, steps, rounds, workers=(0, 1, 2)):
 def throughputs(s, tmp, quick):
     """The toy's two stages as train.py runs them, and a real-width LLaVA on text pairs (stage
     1) and on JPEG files at 336 px (stage 2)."""
-    runs, small = [], ["--batch-size", "8", "--chunk-size", "4"] if quick else []
+    configs, small = [], ["--batch-size", "8", "--chunk-size", "4"] if quick else []
     for stage, flags in ((1, small), (2, ["--init", "base", *small])):
-        args = config.parse_args(["--stage", str(stage), *flags])
-        source = toy.default.setup(args, run_train=None)
-        runs.append(("toy", config.finish_args(args, source), source, *s["toy"]))
+        args, source = train.configure(["--stage", str(stage), *flags])
+        configs.append(("toy", args, source, *s["toy"]))
     real = build_llava(os.path.join(tmp, "real"), *(SMALL if quick else REAL))
     for stage, rows in ((1, toy.default.text_pairs(shapes.split_scenes(0)["train"], 500, 0)),
                         (2, jpeg_rows(os.path.join(tmp, "jpeg"), 48))):
@@ -183,12 +192,13 @@ def throughputs(s, tmp, quick):
         source = {"n_rows": len(rows), "rows": lambda ids, rows=rows: [rows[i] for i in ids],
                   "heldout": [], "report": None}
         size = ["--image-size", str((SMALL if quick else REAL)[2])] if stage == 2 else []
-        args = config.parse_args(["--stage", str(stage), "--model", real, "--batch-size", str(n),
-                                  "--chunk-size", str(n // 2), "--out",
-                                  os.path.join(tmp, f"out{stage}"), *size])
-        runs.append(("real-width LLaVA", config.finish_args(args, source), source, *s["real"]))
+        args = config.resolve(config.parse_args([
+            "--stage", str(stage), "--model", real, "--batch-size", str(n), "--chunk-size",
+            str(n // 2), "--out", os.path.join(tmp, f"out{stage}"), *size]))
+        configs.append(("real-width LLaVA", config.fit_to_data(args, len(rows)), source,
+                        *s["real"]))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # exchange
-    out = [throughput(*run) for run in runs]
+    out = [throughput(*run) for run in configs]
     dist.destroy_process_group()
     return out
 
@@ -233,12 +243,13 @@ def gpu_stage2(device, seconds, spec=QWEN2_VL_2B, batch=1024, chunk=32, peak_flo
     tokens = sum(int(c["attention_mask"].sum()) for side in sides.values() for _, c in side)
     flops = 8 * (n_vision * batch * grid ** 2 + n_lm * tokens)
 
+    args = argparse.Namespace(stage=2, loss="unime", k=min(8, batch - 1), beta=0.1, tau=0.02,
+                              negatives="hard", grad_clip=1.0, out="(bench)")  # Table 6
+    g = torch.Generator().manual_seed(0)
+
     def step():
         t = time.perf_counter()
-        train.gradcache_step(model.train(), sides, lambda r: (hardneg.hardneg_loss(
-            r["qry"], r["pos"], k=min(8, batch - 1), beta=0.1, tau=0.02), {}), device, amp)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train.train_step(args, 0, model.train(), opt, {"sides": sides}, None, g, 1, device, amp)
         if cuda:
             torch.cuda.synchronize(device)
         return time.perf_counter() - t

@@ -11,6 +11,7 @@ import torch
 
 import eval as ev
 import model as M
+import runs
 from toy import shapes
 from toy.default import SPLIT_SEED, TASKS, stage2_row, text_pairs
 
@@ -92,14 +93,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     results = {}
     for path in args.models:
-        model, processor, family = M.load_embedder(path, args.device)
+        model, processor, family = runs.load_embedder(path, args.device)
         results[path] = score(ev.make_encoder(model.eval(), processor, family,
                                                   device=args.device))
     columns = list(next(iter(results.values())))
     print(ev.markdown_table(["model"] + columns,
                             [(path, *r.values()) for path, r in results.items()]))
     if args.out:
-        M.save_atomic(args.out, json.dumps(results, indent=1))
+        runs.save_atomic(args.out, json.dumps(results, indent=1))
     return results
 
 

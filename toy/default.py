@@ -5,30 +5,30 @@ Real MLLMs cannot be downloaded here, so `python train.py --stage 1` (no --model
 next-token pretraining stands in for a real checkpoint's (toy/pretrain.py makes it), on the
 shapes world (toy/shapes.py), with the real all-MiniLM-L6-v2 as the stage-1 teacher.
 
-This file gives train.py the toy's training rows and settings (`setup`); toy/benchmark.py
-scores models on held-out scenes.
+This file gives train.py the toy's settings (`settings`, data) and training rows (`source`);
+toy/benchmark.py scores models on held-out scenes.
 """
 import functools
 import os
 import random
 
-import torch
-
 import families
-import model as M
+import runs
 from toy import shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRETRAINED = os.path.join(HERE, "mllm")
 SPLIT_SEED = 0  # the held-out scenes never change with --seed: the pretrained toy never saw them
-TRAIN_ARGS = {  # minutes on 2 CPU cores; flags given on the command line win
-    1: dict(out="runs/stage1", max_steps=300, batch_size=64, chunk_size=32, lr=1e-3, warmup=20,
-            lora_r=16, lora_alpha=32, lora_dropout=0.05, tau=0.05,
+TEXT_PAIRS = 2000  # stage 1's training pairs
+SETTINGS = {  # minutes on 2 CPU cores; flags given on the command line win
+    1: dict(model=PRETRAINED, out="runs/stage1", max_steps=300, batch_size=64, chunk_size=32,
+            lr=1e-3, warmup=20, lora_r=16, lora_alpha=32, lora_dropout=0.05, tau=0.05,
             teacher="all-MiniLM-L6-v2", teacher_pooling="mean"),
     # stage 2 fine-tunes all 0.2M weights: a rank-16 adapter on 64-wide layers learned too
     # slowly for a few minutes on a CPU
-    2: dict(out="runs/stage2", max_steps=1600, batch_size=64, chunk_size=64, lr=1e-3, warmup=20,
-            lora_r=0, tau=0.02, image_size="original"),  # drawn at the toy's 32 px
+    2: dict(model="runs/stage1", out="runs/stage2", max_steps=1600, batch_size=64,
+            chunk_size=64, lr=1e-3, warmup=20, lora_r=0, tau=0.02,
+            image_size="original"),  # drawn at the toy's 32 px
 }
 STAGE2_INSTRUCTIONS = {  # MMEB-style task instructions (VLM2Vec's wording)
     "cls": "<|image_1|> Represent the given image for classification.",
@@ -103,40 +103,40 @@ def take(rows, ids):
     return [rows[i] for i in ids]
 
 
-def setup(args, run_train):
-    """train.py's one toy branch: fill what the command line left unset with the toy's
-    settings and return the toy's training data. Stage 2 starts from the toy's stage-1 output
-    (`--init stage1`, run first when missing), from a given stage-1 output (`--init FOLDER`,
-    as experiments/ablate.py does per seed) or from the pretrained toy (`--init base`)."""
-    settings = dict(TRAIN_ARGS[args.stage], model=PRETRAINED)
-    if args.stage == 2 and args.init not in (None, "stage1", "base"):
-        meta = M.read_stage_meta(args.init)
-        if meta is None or meta["stage"] != 1:
-            raise SystemExit(f"--init {args.init}: not a finished stage-1 output (its unime.json "
-                             f"is missing or says another stage)")
-        settings["model"] = args.init
-    elif args.stage == 2 and args.init != "base":
-        settings["model"] = TRAIN_ARGS[1]["out"]
-        if M.read_stage_meta(settings["model"]) is None:
-            print("no stage-1 output yet: running stage 1 first", flush=True)
-            run_train(["--stage", "1", "--seed", str(args.seed), "--device", args.device])
-    elif args.stage == 2:
-        settings["out"] = "runs/stage2-base"
-    for key, value in settings.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+def settings(stage, init=None):
+    """This stage's SETTINGS, which train.py takes for what the command line leaves unset.
+    Stage 2 starts from the toy's stage-1 output (`--init stage1`, the default), from a given
+    stage-1 output (`--init FOLDER`, as experiments/ablate.py does per seed) or from the
+    pretrained toy (`--init base`)."""
+    if stage == 1 or init in (None, "stage1"):
+        return SETTINGS[stage]
+    if init == "base":
+        return {**SETTINGS[2], "model": PRETRAINED, "out": "runs/stage2-base"}
+    meta = runs.read_stage_meta(init)
+    if meta is None or meta["stage"] != 1:
+        raise SystemExit(f"--init {init}: not a finished stage-1 output (its unime.json is "
+                         f"missing or says another stage)")
+    return {**SETTINGS[2], "model": init}
+
+
+def source(args):
+    """The toy's training rows for train.py: {n_rows, rows(ids), heldout pairs, report (the
+    held-out benchmark while it trains), first (a run that must finish before this one)}."""
     splits = shapes.split_scenes(SPLIT_SEED)
     if args.stage == 1:
-        rows = text_pairs(splits["train"], 2000, args.seed)
+        rows = text_pairs(splits["train"], TEXT_PAIRS, args.seed)
         return {"n_rows": len(rows), "rows": functools.partial(take, rows),
                 "heldout": text_pairs(splits["test"], args.eval_pairs, SPLIT_SEED + 1),
-                "report": None}
+                "report": None, "first": None}
     scenes = splits["train"]
+    first = args.model == SETTINGS[2]["model"] and runs.read_stage_meta(args.model) is None
     return {"n_rows": len(TASKS) * len(scenes), "heldout": [],
             "rows": functools.partial(stage2_rows, scenes, seed=args.seed + 7,
                                       train_scenes=set(scenes),
                                       duplicates=args.toy_duplicates or 0.0),
-            "report": functools.partial(report, device=args.device)}
+            "report": functools.partial(report, device=args.device),
+            "first": ["--stage", "1", "--seed", str(args.seed), "--device", args.device]
+            if first else None}
 
 
 def report(model, processor, family, device):
