@@ -19,6 +19,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end training runs (minutes on 2 cores)")
 
 
+def gradcache_step(model, sides, loss_fn, device="cpu", amp=None):
+    """GradCache's three steps (§4.1) around loss_fn({side: (n, d)}) -> (loss, stats), from
+    train.py's two passes, as train.train_step runs them around the stage's loss."""
+    import train
+    reps, states = train.gradcache_embed(model, sides, device, amp)
+    loss, stats = loss_fn(reps)
+    loss.backward()
+    train.gradcache_backward(model, sides, reps, states, device, amp)
+    return loss.detach(), stats
+
+
 def unit(n, d, seed=0, dtype=torch.float64):
     """(n, d) random L2-normalized rows, the same for the same seed."""
     g = torch.Generator().manual_seed(seed)

@@ -204,6 +204,14 @@ def load_lora(model, state):
 
 
 
+def checkpoint_activations(model):
+    """HF's gradient checkpointing (activation checkpointing from transformers 5.24), non-reentrant:
+    its recomputation restores the RNG state, so LoRA dropout repeats, as GradCache needs."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or \
+        model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
 # ---------------------------------------------------------------- the Python API
 
 def embed_inputs(model, processor, family, inputs, batch_size=64, device="cpu", amp=None):

@@ -26,7 +26,7 @@ import runs
 from toy import shapes
 import toy.default
 import train
-from conftest import unit
+from conftest import gradcache_step, unit
 
 
 def scene_images(scenes, seed=0):
@@ -585,7 +585,7 @@ def test_gradcache_equals_full_batch_gradients(tiny_path):
     ref_loss.backward()
     ref_chunks = grads_and_reset(lora)
     torch.manual_seed(123)
-    loss, _ = train.gradcache_step(model, sides, loss_fn, "cpu", None)
+    loss, _ = gradcache_step(model, sides, loss_fn, "cpu", None)
     for g, r in zip([p.grad for p in lora], ref_chunks):
         assert torch.allclose(g, r, atol=1e-6, rtol=1e-4)
     assert any(not torch.allclose(a, b) for a, b in zip(ref, ref_chunks))  # dropout was on
@@ -605,7 +605,7 @@ def test_gradcache_without_dropout_equals_unchunked_batch(tiny_path):
     ref = grads_and_reset(lora)
     sides = {"a": text_chunks(processor, family, texts[:6], 4),
              "p": text_chunks(processor, family, texts[6:], 4)}
-    train.gradcache_step(model, sides, loss_fn, "cpu", None)
+    gradcache_step(model, sides, loss_fn, "cpu", None)
     for p, r in zip(lora, ref):
         assert torch.allclose(p.grad, r, atol=1e-6, rtol=1e-4)
 
@@ -623,7 +623,7 @@ def test_gradcache_leaves_every_chunk_where_it_was(tiny_path):
     sides = {k: [(rows, types.MappingProxyType(dict(c))) for rows, c in cs]
              for k, cs in sides.items()}
     held = [dict(c) for cs in sides.values() for _, c in cs]
-    train.gradcache_step(model, sides, lambda reps: (distill.kd_loss(
+    gradcache_step(model, sides, lambda reps: (distill.kd_loss(
         reps["a"], reps["p"], teacher[:3], teacher[3:], 0.05), {}), "cpu", None)
     for c, tensors in zip([c for cs in sides.values() for _, c in cs], held):
         assert c.keys() == tensors.keys() and all(c[k] is v for k, v in tensors.items())
@@ -660,7 +660,7 @@ def test_gradcache_with_images_and_lora_dropout_matches_full_batch(tiny_path):
     ref_loss.backward()
     ref = grads_and_reset(lora)
     torch.manual_seed(7)
-    loss, _ = train.gradcache_step(model, batch["sides"], loss_fn, "cpu", None)
+    loss, _ = gradcache_step(model, batch["sides"], loss_fn, "cpu", None)
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     assert any("vision_tower" in n and p.grad is not None for n, p in model.named_parameters())
     for g, r in zip([p.grad for p in lora], ref):

@@ -75,10 +75,8 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self):
         return self.args.max_steps
 
-    def image(self, path):
-        # §4.1: 336 x 336 in stage 2 (--image-size); Phi-3.5-V's processor crops instead
-        image = data.load_image(path)
-        return families.prepare_image(self.family, image, self.args.image_size)
+    def image(self, path):  # §4.1: 336 x 336 (--image-size); Phi-3.5-V's processor crops
+        return families.prepare_image(self.family, data.load_image(path), self.args.image_size)
 
     def __getitem__(self, step):
         a = self.args
@@ -100,9 +98,9 @@ class StepBatches(torch.utils.data.Dataset):
 # ---------------------------------------------------------------- GradCache (§4.1)
 
 def gradcache_embed(model, sides, device, amp):
-    """GradCache's first pass: every chunk embedded without a graph (the RNG state before each
-    recorded) -> ({side: (n, d) embeddings in row order, leaves that will hold d loss / d
-    embedding}, the states). sides: {name: [(row positions, processed chunk), ...]}."""
+    """GradCache's first pass: every chunk embedded without a graph, the RNG state before each
+    kept -> ({side: (n, d) leaves in row order, to receive d loss / d embedding}, the states).
+    sides: {name: [(row positions, processed chunk), ...]}."""
     cuda = torch.device(device).type == "cuda"
     states, reps = {}, {}
     with torch.no_grad():
@@ -120,14 +118,12 @@ def gradcache_embed(model, sides, device, amp):
 
 
 def gradcache_backward(model, sides, reps, states, device, amp):
-    """GradCache's last pass, after the loss's backward filled reps[side].grad: each chunk
-    embedded again with a graph under its saved RNG state (dropout repeats), and its cached
-    gradient backpropagated through it. .grad then holds exactly the parameter gradients of one
-    full-batch step (Gao et al. 2021), while memory follows the chunk."""
-    cuda = torch.device(device).type == "cuda"
+    """GradCache's last pass, once the loss's backward filled reps[side].grad: each chunk again
+    with a graph under its saved RNG state (dropout repeats), its cached gradient backpropagated:
+    .grad is then that of one full-batch step (Gao et al. 2021), memory that of a chunk."""
     for name, chunks in sides.items():
         for (idx, chunk), (cpu, gpu) in zip(chunks, states[name]):
-            with torch.random.fork_rng(devices=[device] if cuda else []):
+            with torch.random.fork_rng(devices=[device] if gpu is not None else []):
                 torch.set_rng_state(cpu)
                 if gpu is not None:
                     torch.cuda.set_rng_state(gpu, device)
@@ -141,15 +137,6 @@ def chunk_forward(model, chunk, device, amp):
     with M.autocast(device, amp):
         return M.embed(model, {k: v.to(device, non_blocking=True) if torch.is_tensor(v)
                                else v for k, v in chunk.items()})
-
-
-def gradcache_step(model, sides, loss_fn, device, amp):
-    """GradCache's three passes around loss_fn({name: (n, d)}) -> (loss, stats)."""
-    reps, states = gradcache_embed(model, sides, device, amp)
-    loss, stats = loss_fn(reps)
-    loss.backward()
-    gradcache_backward(model, sides, reps, states, device, amp)
-    return loss.detach(), stats
 
 
 # ---------------------------------------------------------------- several GPUs
@@ -199,10 +186,9 @@ def average_gradients(params, world):
 
 def train_step(args, step, model, opt, batch, targets, generator, world, device, amp):
     """One optimizer step on the global batch -> (loss, pre-clip gradient norm, statistics).
-    Each rank embeds its shard (GradCache) and gathers the others'; every rank computes the
-    same loss L, but its backward reaches only its own shard, and the gradients are averaged
-    over the ranks, so L is scaled by `world`: the result is dL/dθ. targets: stage 1's teacher
-    embeddings of the batch's rows."""
+    Each rank embeds its shard and gathers the others'; all compute the same loss L, each
+    backward reaches its own shard and the gradients are averaged, so L is scaled by `world`
+    to give dL/dθ. targets: stage 1's teacher embeddings of the batch's rows."""
     reps, states = gradcache_embed(model, batch["sides"], device, amp)
     e = {side: gather_with_grad(x) for side, x in reps.items()}  # (global batch, d) per side
     if args.stage == 1:  # Eq. 2: the student's in-batch similarity distributions -> the teacher's
@@ -244,25 +230,15 @@ def baseline_loss(args, q, c):
 
 def add_trainable(model, family, args):
     """Stage 1: a LoRA on the LLM only, vision tower and projector frozen (§3.2). Stage 2: a
-    new LoRA on the whole stage-1-merged MLLM, vision side included (§3.3); the layers per
-    family are families.lora_targets. --lora-r 0 fine-tunes every weight instead. Returns the
-    LoRA shape and its layers (None for full fine-tuning)."""
+    new LoRA on the whole stage-1-merged MLLM, vision side included (§3.3); layers per family:
+    families.lora_targets. -> the LoRA's shape and layers; --lora-r 0: None, every weight."""
     if args.lora_r == 0:
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model.requires_grad_(True)
         return None
     lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                 targets=families.lora_targets(model, family, include_vision=args.stage == 2))
     M.inject_lora(model, **lora)
     return lora
-
-
-def checkpoint_activations(model):
-    """HF's gradient checkpointing (activation checkpointing from transformers 5.24), non-reentrant:
-    its recomputation restores the RNG state, so LoRA dropout repeats, as GradCache needs."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or \
-        model.gradient_checkpointing_enable
-    enable({"use_reentrant": False})
 
 
 def train(args, source, rank=0, world=1, device="cpu", lock=None):
@@ -280,7 +256,7 @@ def train(args, source, rank=0, world=1, device="cpu", lock=None):
                                                   load_in_4bit=args.load_in_4bit)
     lora = add_trainable(model, family, args)
     if args.gradient_checkpointing:
-        checkpoint_activations(model)
+        M.checkpoint_activations(model)
     params = [p for p in model.parameters() if p.requires_grad]
     print(f"trainable: {sum(p.numel() for p in params):,} of {M.count_parameters(model):,}")
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -339,9 +315,8 @@ def train(args, source, rank=0, world=1, device="cpu", lock=None):
 # ---------------------------------------------------------------- the command line
 
 def configure(argv=None):
-    """(settings, training rows) of a run: config.py resolves the command line; without
-    --model, the embedded default (toy/default.py) gives its settings and rows, else --data
-    names the paper's data."""
+    """(settings, training rows): config.py's, with the embedded default's settings and rows
+    (toy/default.py) without --model, else the paper's data that --data names."""
     args = config.parse_args(argv)  # every value given is checked here, before any work
     toy_run = args.model is None
     args = config.resolve(args, toy.default.settings(args.stage, args.init) if toy_run else None)

@@ -28,7 +28,6 @@ import time
 import torch
 
 import eval as ev
-import model as M
 import runs
 import toy.default
 import toy.benchmark

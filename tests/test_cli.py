@@ -18,6 +18,7 @@ import distill
 import model as M
 import toy.default
 import train
+from conftest import gradcache_step
 
 
 def refused(capsys, argv):
@@ -285,19 +286,19 @@ def test_gradient_checkpointing_keeps_gradcache_exact_with_lora_dropout(tiny_pat
     def step():
         calls.clear()
         torch.manual_seed(3)
-        train.gradcache_step(model, sides, lambda r: (hardneg.hardneg_loss(
+        gradcache_step(model, sides, lambda r: (hardneg.hardneg_loss(
             r["qry"], r["pos"], k=2, beta=0.1), {}), "cpu", None)
         grads = [p.grad.clone() for p in params]
         model.zero_grad(set_to_none=True)
         return grads, len(calls)
     plain, plain_calls = step()
-    train.checkpoint_activations(model)
+    M.checkpoint_activations(model)
     checkpointed, checkpointed_calls = step()
     assert checkpointed_calls > plain_calls  # the backward did recompute the layer
     for a, b in zip(checkpointed, plain):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     torch.manual_seed(4)  # another dropout draw changes them: the masks were on
-    train.gradcache_step(model, sides, lambda r: (hardneg.hardneg_loss(
+    gradcache_step(model, sides, lambda r: (hardneg.hardneg_loss(
         r["qry"], r["pos"], k=2, beta=0.1), {}), "cpu", None)
     assert any(not torch.allclose(p.grad, g, atol=1e-4) for p, g in zip(params, plain))
 
@@ -309,7 +310,7 @@ def test_bf16_frozen_weights_keep_fp32_adapters_and_gradients(tiny_path):
     assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
     model.train()
     import hardneg
-    train.gradcache_step(model, mixed_sides(processor, family), lambda r: (
+    gradcache_step(model, mixed_sides(processor, family), lambda r: (
         hardneg.hardneg_loss(r["qry"], r["pos"], k=2, beta=0.1), {}), "cpu", torch.bfloat16)
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in trainable)

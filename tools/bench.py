@@ -98,8 +98,12 @@ def gradcache_setup(path, lora, n, chunk):
 
     def plain():  # the whole batch in one forward with a graph, padded to its longest row
         loss_fn({k: M.embed(model, b) for k, b in whole.items()})[0].backward()
-    return model, chunks, grads, plain, lambda: train.gradcache_step(
-        model, chunks, loss_fn, "cpu", None)
+
+    def cached():  # GradCache as train.train_step runs it (§4.1)
+        reps, states = train.gradcache_embed(model, chunks, "cpu", None)
+        loss_fn(reps)[0].backward()
+        train.gradcache_backward(model, chunks, reps, states, "cpu", None)
+    return model, chunks, grads, plain, cached
 
 
 def gradcache_cost(s, tmp):

@@ -10,7 +10,6 @@ import random
 import torch
 
 import eval as ev
-import model as M
 import runs
 from toy import shapes
 from toy.default import SPLIT_SEED, TASKS, stage2_row, text_pairs
