@@ -30,11 +30,10 @@ NOT_COMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "worker
 
 def save_atomic(path, obj):
     """Write `obj` (text, bytes, anything torch.save takes, or a function that fills the empty
-    folder it is given) under a temporary name, with the usual permissions (mkstemp's are
-    private), then rename it onto `path`: a crash never leaves a torn file where a good one was
-    expected. A folder replaces an absent or empty `path` in one rename; into a folder that
-    holds other files (a run's) its entries are renamed one by one. A failed write (a full
-    disk) stops with a message naming `path`, which is left as it was."""
+    folder it is given) under a temporary name with the usual permissions, then rename it onto
+    `path`: a crash never leaves a torn file where a good one was expected. A folder replaces an
+    absent or empty `path` in one rename; into a folder holding other files (a run's) each entry
+    is renamed. A failed write (a full disk) stops naming `path`, which is left as it was."""
     into = callable(obj) and os.path.isdir(path) and os.listdir(path)
     parent = path if into else os.path.dirname(os.path.abspath(path))
     tmp = None
@@ -61,10 +60,8 @@ def save_atomic(path, obj):
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
         os.rmdir(tmp) if into else os.replace(tmp, path)
     except BaseException as e:
-        if tmp and os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, nothing else
-        elif tmp and os.path.exists(tmp):
-            os.remove(tmp)  # our own temporary file
+        if tmp and os.path.exists(tmp):  # our own temporary file or folder, nothing else
+            shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.remove(tmp)
         if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as either
             disk = os.statvfs(parent) if os.path.isdir(parent) else None
             free = disk.f_bavail * disk.f_frsize / 2**20 if disk else 0
@@ -76,8 +73,7 @@ def save_atomic(path, obj):
 
 
 def save_pretrained(out, model, processor):
-    """model.save_pretrained and processor.save_pretrained through save_atomic; nothing else
-    in `out` is touched."""
+    """model's and processor's save_pretrained through save_atomic; nothing else in `out`."""
     return save_atomic(out, lambda folder: (model.save_pretrained(folder),
                                             processor.save_pretrained(folder)))
 
@@ -113,9 +109,8 @@ def stage_chain(path):
 
 
 def model_identity(path):
-    """What a model is, to tell it from another: a stage output's id; for a folder, its files'
-    names, sizes and contents (large weight files by size and mtime: hashing GBs is slow); a
-    hub id as given."""
+    """What a model is: a stage output's id; a folder's file names, sizes and contents (large
+    weight files by size and mtime: hashing GBs is slow); a hub id as given."""
     meta = read_stage_meta(path)
     if meta:
         return meta["id"]
@@ -170,12 +165,11 @@ def require_model(path, trust_remote_code=False):
 
 def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_code=False,
                   family=None, merge=True, load_in_4bit=False):
-    """(model, processor, family) for an HF id, a model folder, or a stage output of train.py.
-    A LoRA stage output is loaded by loading the model its chain starts from, checking that each
-    start is still the model its adapter was trained on, then merging the adapters in order.
-    Remote code runs only when the caller passes trust_remote_code, never because a file says
-    so. merge=False leaves the last stage's adapter as LoRALinear layers (export.py);
-    load_in_4bit (a plain model only) quantizes its linear weights, see model.load_mllm."""
+    """(model, processor, family) for an HF id, a model folder, or a stage output of train.py:
+    the model its chain starts from, each stage's start checked to be the model its adapter was
+    trained on, the adapters merged in order. Remote code runs only when the caller passes
+    trust_remote_code, never because a file says so. merge=False leaves the last adapter as
+    LoRALinear layers (export.py); load_in_4bit: a plain model's weights in 4 bits (load_mllm)."""
     top, (adapters, base) = read_stage_meta(path_or_id), lora_base(path_or_id)
     if top and load_in_4bit:
         raise ValueError(f"{path_or_id} is a stage output: only a plain model loads in 4 bits")
@@ -295,10 +289,9 @@ def claim(args):
 
 
 def take_lock(path, out):
-    """-> the open lock file, held until it is closed. An flock, not the file's existence, is
-    the lock: the kernel releases it when its process ends in any way (kill -9 included), so a
-    killed run's leftover `.lock` holds nothing and the next run takes it, while a running one,
-    on this host or another sharing the folder, is refused."""
+    """-> the open lock file, held until it is closed. An flock, not the file, is the lock: the
+    kernel releases it when its process ends (kill -9 too), so a killed run's `.lock` holds
+    nothing and the next run takes it, while a running one, on any host sharing it, refuses."""
     while True:
         f = open(path, "a+")
         try:
@@ -337,9 +330,8 @@ def claimed(args):
 
 
 def close_in_worker(lock, worker_id=None):
-    """A DataLoader worker is forked holding the run's lock file open, and an flock lasts while
-    any process holds it: a worker outliving its killed run (up to its 5 s watchdog) would
-    keep --out locked. Each worker closes its own copy (the run keeps its lock)."""
+    """A DataLoader worker is forked holding the run's lock file, and a worker outliving its
+    killed run (up to its 5 s watchdog) would keep --out locked: each closes its own copy."""
     if lock is not None:
         lock.close()
 
