@@ -16,7 +16,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end training runs (minutes on 2 cores)")
+    config.addinivalue_line("markers", "slow: over ~5 s on 2 cores (training runs, subprocesses, "
+                            "network retries); `-m 'not slow'` leaves them out")
 
 
 def gradcache_step(model, sides, loss_fn, device="cpu", amp=None):

@@ -502,6 +502,7 @@ def _ddp_worker(rank, init_file, out_file):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_with_a_text_only_shard_give_the_global_batch_gradient(tmp_path):
     """Gathered embeddings (the local shard keeps its gradient) and a flat gradient average
     that sends zeros for parameters a rank never used: the same loss and gradients as one
@@ -793,6 +794,7 @@ def write_nli(path, rows):
     return str(path)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_where_the_checkpoint_stopped(tiny_path, tmp_path,
                                                               monkeypatch):
     """Killed right after the checkpoint of step 4 of 8, then --resume: the same adapter, bit

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +13,7 @@ from tools import bench
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_bench_quick_runs_every_section_and_writes_its_figures(tmp_path):
     """`python -m tools.bench --quick`: every section at toy sizes, and the GPU figure's code on the
     CPU; the JSON holds what the README's speed table is made from."""

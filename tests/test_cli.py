@@ -228,6 +228,7 @@ def test_a_missing_student_fails_in_one_line_before_any_teacher_work(tmp_path):
     assert not (tmp_path / "t.pt").exists()  # the teacher never ran
 
 
+@pytest.mark.slow
 def test_a_missing_teacher_is_named_in_one_line():
     with pytest.raises(SystemExit) as e:
         distill.load_teacher("no-such-org/no-such-teacher-xyz")

@@ -90,6 +90,7 @@ def run_pipeline(model, root, tmp, family=()):
     return [runs.read_stage_meta(tmp / s) for s in ("stage1", "stage2")], result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_stage1_stage2_and_mmeb_eval_by_path(name, paper_data, tmp_path, monkeypatch):
     """One step of each stage and an MMEB evaluation through train.py and eval.py's own entry

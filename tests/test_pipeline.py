@@ -517,6 +517,7 @@ def test_one_word_loss_is_cross_entropy_against_the_keyword_distribution(tiny):
     assert got == pytest.approx(expect, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_pretraining_lowers_the_heldout_answer_loss(tiny_path, tmp_path):
     def heldout_loss(path):
         model, processor, _ = M.load_mllm(path)
@@ -555,6 +556,7 @@ def test_toy_prompts_are_the_ones_its_pretraining_taught(pretrained_path):
     assert families.format_prompt("llava", instruction=row["qry"]) == row["qry"]  # raw MMEB
 
 
+@pytest.mark.slow
 def test_shipped_pretrained_toy_is_zero_shot_aligned(pretrained_path):
     """What stage 2 needs from its start (a real MLLM has it): on held-out scenes the
     "in one word" prompts already retrieve across modalities far above chance (0.5%)."""
@@ -575,6 +577,7 @@ def test_regenerated_pretrained_toy_reaches_the_shipped_ones_quality(tmp_path,
 
 # ---------------------------------------------------------------- training runs, end to end
 
+@pytest.mark.slow
 def test_short_stage1_run_lowers_loss_and_raises_agreement(tiny_path, tmp_path):
     out = str(tmp_path / "stage1")
     result = train.main(["--stage", "1", "--model", tiny_path, "--data",
