@@ -38,7 +38,7 @@ import runs
 from toy import shapes
 import toy.default
 import train
-from test_pipeline import _toy_mmeb, nli_file, save_images, write_jsonl
+from test_pipeline import _toy_mmeb, _umask, nli_file, save_images, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 REAL_SAVE = torch.save
@@ -429,6 +429,37 @@ def test_a_crash_inside_save_atomic_keeps_the_old_file_and_leaves_no_temp(tmp_pa
     with pytest.raises(SystemExit, match=r"cannot write .*unime.json: I/O"):
         runs.save_atomic(str(tmp_path / "unime.json"), "{}")
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file, no torn file
+
+
+def test_a_folder_through_save_atomic_appears_whole_or_not_at_all(tmp_path):
+    """A folder (a model, an export) is built in a temporary folder: a writer that dies midway
+    leaves neither it nor a partial folder; a new folder appears in one rename; into a run's
+    folder only the entries written are replaced; claim removes a killed writer's leftovers."""
+    def writer(files, die=False):
+        def write(folder):
+            for name, text in files.items():
+                with open(os.path.join(folder, name), "w") as f:
+                    f.write(text)
+                if die:
+                    raise Killed()
+        return write
+    with pytest.raises(Killed):
+        runs.save_atomic(str(tmp_path / "model"), writer({"a.json": "1", "b.json": "2"}, True))
+    assert os.listdir(tmp_path) == []
+    runs.save_atomic(str(tmp_path / "model"), writer({"a.json": "1", "b.json": "2"}))
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text("kept")
+    (run / "a.json").write_text("old")
+    runs.save_atomic(str(run), writer({"a.json": "new", "c.json": "3"}))
+    assert {f: (run / f).read_text() for f in os.listdir(run)} == {
+        "log.jsonl": "kept", "a.json": "new", "c.json": "3"}
+    assert oct((run / "c.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    (run / ".tmp-killed").mkdir()  # a writer killed inside a run's folder
+    (run / ".tmp-killed" / "model.safetensors").write_text("torn")
+    runs.release(runs.claim(Namespace(out=str(run), model=None, resume=False, overwrite=True)))
+    assert sorted(os.listdir(run)) == ["a.json", "c.json", "log.jsonl"]
 
 
 def test_a_full_disk_mid_run_names_the_file_and_the_run_resumes_exactly(shared, tiny_path,
