@@ -103,11 +103,12 @@ def gradcache_step(model, sides, loss_fn, device, amp):
     """One large-batch step whose memory follows the chunk (Gao et al. 2021). sides: {name:
     [(row positions, processed chunk), ...]}; loss_fn({name: (n, d)}) -> (loss, stats). Leaves
     in .grad exactly the parameter gradients of one full-batch step."""
-    def forward(chunk):  # a copy on the device: a processor output's .to() would move the
-        # chunk itself, and every chunk of the step would then stay on the device to its end
+    def forward(chunk):  # a fresh copy per pass: a model may edit its inputs in place
+        # (Phi-3.5-V clamps input_ids, erasing its image tokens), and `.to()` returns the tensor
+        # itself on its own device; a processor output's .to() would also move the chunk itself
         with M.autocast(device, amp):
-            return M.embed(model, {k: v.to(device, non_blocking=True) if torch.is_tensor(v)
-                                   else v for k, v in chunk.items()})
+            return M.embed(model, {k: v.to(device, non_blocking=True, copy=True)
+                                   if torch.is_tensor(v) else v for k, v in chunk.items()})
 
     def rng_state():
         return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
