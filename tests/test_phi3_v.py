@@ -105,10 +105,11 @@ def test_the_processor_takes_one_prompt_per_call_and_ignores_max_length_with_ima
     assert len(text["input_ids"][0]) == 10
 
 
-def test_the_model_clamps_input_ids_in_place_and_shares_its_embedding(phi):
+def test_the_model_clamps_input_ids_in_place_and_shares_its_embedding(phi, tmp_path):
     """The hub model's quirks the project has to live with: forward erases the image ids of
-    the tensor it was given (and warns), `vision_embed_tokens.wte` is `embed_tokens`, the
-    tied-weights keys are a list, so transformers 5's save_pretrained fails on the class."""
+    the tensor it was given (and warns); `vision_embed_tokens.wte` is `embed_tokens` and the
+    tied-weights keys are a list, so plain save_pretrained fails (5.x: the list; 4.x: the
+    shared tensor), as does the processor's (its __init__ skips ProcessorMixin's)."""
     model, processor, family = M.load_mllm(phi, trust_remote_code=True)
     batch = families.process(processor, family, images=[Image.new("RGB", (336, 336))],
                              instructions=[ROW])
@@ -118,6 +119,10 @@ def test_the_model_clamps_input_ids_in_place_and_shares_its_embedding(phi):
     assert (batch["input_ids"] < 0).sum() == 0
     assert model.model.vision_embed_tokens.wte is model.model.embed_tokens
     assert type(model)._tied_weights_keys == ["lm_head.weight"]
+    with pytest.raises((AttributeError, RuntimeError)):
+        model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(AttributeError, match="chat_template"):
+        processor.save_pretrained(tmp_path / "plain")
 
 
 def test_preset_paper_reads_the_family_without_running_remote_code(phi, tmp_path):
