@@ -87,7 +87,8 @@ def run_pipeline(model, root, tmp, flags=()):
     return [M.read_stage_meta(tmp / s) for s in ("stage1", "stage2")], result
 
 
-@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "phi3_v" else n
+                                  for n in sorted(SPECS)])  # Phi: 336-px crops, ~8 s
 def test_stage1_stage2_and_mmeb_eval_by_path(name, paper_data, tmp_path):
     """One step of each stage and an MMEB evaluation through train.py and eval.py's own entry
     points: the family is read from the checkpoint, stage 1 adapts the decoder only, stage 2 the
