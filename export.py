@@ -59,13 +59,13 @@ def peft_adapter(loras, base_name):
 
 @contextlib.contextmanager
 def savable(model, processor):
-    """While `model` and `processor` are saved: a module registered under two names is saved under its first only
-    (Phi-3.5-V's `vision_embed_tokens.wte` IS `embed_tokens`: safetensors refuses a tensor
-    shared between two keys; the hub's checkpoint holds it once and the model's own code links
-    the second name again when it loads); and a list of `_tied_weights_keys` (remote code
-    written for transformers 4) is given as the dict transformers 5 reads; a processor whose
-    own `__init__` skips ProcessorMixin's (Phi-3.5-V's) gets the attributes that one sets and
-    saving reads (`chat_template`; 4.x: `audio_tokenizer`), as None. Restored after."""
+    """While `model` and `processor` are saved: a module registered under two names is saved
+    under its first only (Phi-3.5-V's `vision_embed_tokens.wte` IS `embed_tokens`: safetensors
+    refuses a tensor shared by two keys; the hub's checkpoint holds it once and the model's own
+    code links the second name again when it loads); a list of `_tied_weights_keys` (remote
+    code written for transformers 4) is given as the dict transformers 5 reads; a processor
+    whose own `__init__` skips ProcessorMixin's (Phi-3.5-V's) gets the attributes that one sets
+    and saving reads (`chat_template`; 4.x: `audio_tokenizer`), as None. Restored after."""
     seen, aliases = set(), []
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) in seen and not any(name.startswith(f"{a}.") for a in aliases):

@@ -172,15 +172,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
 
-    # What a model's code may read of the layer it wraps, the base's own: Phi-3.5-V's reads
-    # `img_projection[0].bias.device`. (Code that computes with `.weight` itself would bypass
-    # the adapter: families.lora_targets never wraps such a layer.)
-    weight = property(lambda self: self.base.weight)
-    bias = property(lambda self: self.base.bias)
-    in_features = property(lambda self: self.base.in_features)
-    out_features = property(lambda self: self.base.out_features)
-    dtype = property(lambda self: self.base.weight.dtype)
-    device = property(lambda self: self.base.weight.device)
+    # what model code reads of the wrapped layer (Phi-3.5-V: img_projection[0].bias.device)
+    weight, bias = property(lambda s: s.base.weight), property(lambda s: s.base.bias)
+    in_features, out_features = (property(lambda s: s.base.in_features),
+                                 property(lambda s: s.base.out_features))
+    dtype, device = property(lambda s: s.weight.dtype), property(lambda s: s.weight.device)
 
     def forward(self, x):
         update = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T
@@ -230,7 +226,6 @@ def load_lora(model, state):
     if missing:
         raise ValueError(f"adapter does not fit this model: {sorted(missing)[:4]} ...")
     model.load_state_dict(state, strict=False)
-
 
 
 # ---------------------------------------------------------------- stage outputs

@@ -136,8 +136,12 @@ def build_phi3_v(path, num_crops=4, torchvision=False, seed=0):
     # the hub's key names: CLIP's weights under `vision_model.` (transformers 5 drops that
     # level from CLIPVisionModel and renames on load), no key for `wte` (= embed_tokens)
     clip = "model.vision_embed_tokens.img_processor."
-    state = {(k if k.startswith(clip + "vision_model.") else k.replace(clip, clip + "vision_model.")):
-             v.contiguous() for k, v in model.state_dict().items()
+
+    def hub_name(key):
+        if key.startswith(clip) and not key.startswith(clip + "vision_model."):
+            return clip + "vision_model." + key[len(clip):]
+        return key
+    state = {hub_name(k): v.contiguous() for k, v in model.state_dict().items()
              if not k.startswith("model.vision_embed_tokens.wte.")}
     save_file(state, os.path.join(path, "model.safetensors"), {"format": "pt"})
     return path
