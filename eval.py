@@ -228,8 +228,11 @@ def load_for_eval(path, device="cpu", dtype="auto", trust_remote_code=False, fam
     max_length = spec.get("max_len") if mmeb and not stage1_sum else None
     if image_size == "official":
         image_size = spec.get("eval_resolution") if mmeb else None
+    # "official": rows cut as the official pipeline cuts them (families.process); the key
+    # changes with the rule, so embeddings cut by an earlier rule are not reused
+    cut = " truncation=official" if max_length else ""
     cache = EmbeddingCache(f"{runs.model_identity(path)} family={family} dtype={dtype} "
-                           f"amp={amp} stage1_sum={stage1_sum} max_length={max_length} "
+                           f"amp={amp} stage1_sum={stage1_sum} max_length={max_length}{cut} "
                            f"image_size={image_size}", cache_dir)
     encoder = make_encoder(model, processor, family, batch_size, device, stage1_sum, amp,
                            max_length, image_size)

@@ -13,6 +13,7 @@ OUT_DIR gets
 The export is built in a temporary folder beside OUT_DIR and renamed into place when complete.
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -44,6 +45,47 @@ def peft_adapter(loras, base_name):
               "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "inference_mode": True, "modules_to_save": None}
     return tensors, config
+
+
+@contextlib.contextmanager
+def savable(model, processor):
+    """While `model` and `processor` are saved: a module registered under two names is saved
+    under its first only (Phi-3.5-V's `vision_embed_tokens.wte` IS `embed_tokens`: safetensors
+    refuses a tensor shared by two keys; the hub's checkpoint holds it once and the model's own
+    code links the second name again when it loads); a list of `_tied_weights_keys` (remote
+    code written for transformers 4) is given as the dict transformers 5 reads; a processor
+    whose own `__init__` skips ProcessorMixin's (Phi-3.5-V's) gets the attributes that one sets
+    and saving reads (`chat_template`; 4.x: `audio_tokenizer`), as None. Restored after."""
+    seen, aliases = set(), []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in seen and not any(name.startswith(f"{a}.") for a in aliases):
+            aliases.append(name)
+        seen.add(id(module))
+    parents, classes = {}, []
+    for name in aliases:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        parents.setdefault(id(parent), (parent, dict(parent._modules)))
+        del parent._modules[child]
+    for module in model.modules():
+        if isinstance(module.__dict__.get("_tied_weights_keys",
+                                          getattr(module, "_tied_weights_keys", None)), list):
+            classes.append(module)
+            module._tied_weights_keys = dict.fromkeys(module._tied_weights_keys)
+    unset = [name for name in {"chat_template", *getattr(processor, "optional_attributes", [])}
+             if not hasattr(processor, name)]
+    for name in unset:
+        setattr(processor, name, None)
+    try:
+        yield model
+    finally:
+        for parent, modules in parents.values():
+            parent._modules.clear()
+            parent._modules.update(modules)
+        for module in classes:
+            del module._tied_weights_keys  # the class's list shows again
+        for name in unset:
+            delattr(processor, name)
 
 
 def write_adapter(folder, tensors, config):
@@ -151,12 +193,14 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
             write_adapter(os.path.join(folder, "adapter"),
                           *peft_adapter(loras, "adapter-base" if adapter_base else start))
         if adapter_base:
-            model.save_pretrained(os.path.join(folder, "adapter-base"))
-            processor.save_pretrained(os.path.join(folder, "adapter-base"))
+            with savable(model, processor):
+                model.save_pretrained(os.path.join(folder, "adapter-base"))
+                processor.save_pretrained(os.path.join(folder, "adapter-base"))
         for m in loras.values():
             m.merged()  # folds B A into m.base, the layer now in the model
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+        with savable(model, processor):
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
         with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(chain, root, family, processor, adapter_base))
         files = sorted(os.listdir(folder)) + [MANIFEST]

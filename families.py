@@ -13,11 +13,13 @@ Two prompt formats:
   UniME-V2's `Llava_OV_process` strips `<image>` from the text and sends it, after the image,
   through the processor's chat template with the generation prompt. Families the official code
   never ran get VLM2Vec's raw format with their own image placeholder.
-The official code batches MMEB rows (VLM2Vec `src/collator.py::process_vlm_inputs`, UniME-V2
-`Embedding/src/model_utils.py::Phi3V_process_fn` and siblings) one processor call per row (one
-string, `[image]`, `max_length=max_len, truncation=True`: the tokenizer's right-side cut, ignored
-by Phi-3.5-V's processor when there is an image), then `tokenizer.pad`. UniME's MMEB commands:
-max_len 256 for Phi-3.5-V (num_crops 4), 4096 for LLaVA-1.6; UniME-V2's: 4096.
+The official code batches MMEB rows (VLM2Vec `src/model_utils.py::Phi3V_process_fn` and
+siblings, UniME-V2 `Embedding/src/model_utils.py`) one processor call per row (one string,
+`[image]`, `max_length=max_len, truncation=True`: the tokenizer cuts the row's end, image tokens
+counted; Phi-3.5-V's processor, the hub's and VLM2Vec's copy alike, ignores both arguments when
+there is an image and cuts only text-only rows), then `tokenizer.pad`. UniME's MMEB commands
+(VLM2Vec's eval.py): max_len 256 for Phi-3.5-V (num_crops 4), 4096 for LLaVA-1.6; UniME-V2's:
+4096. process() passes the same arguments to the same processors.
 """
 import re
 
@@ -64,9 +66,6 @@ FAMILIES = {
 FAMILIES["qwen2_5_vl"] = FAMILIES["qwen2_vl"]  # same tokens, template and official settings
 FAMILIES["smolvlm"] = {**FAMILIES["idefics3"],
                        "turn": "<|im_start|>User:{}<end_of_utterance>\nAssistant:"}
-# an image placeholder of any family, or an MMEB tag: text before it is never cut
-PLACEHOLDER = re.compile("|".join([MMEB_IMAGE_TAG.pattern] + sorted(
-    {re.escape(spec["raw"]) for spec in FAMILIES.values()})))
 
 # LLaVA-NeXT checkpoints share model_type `llava_next` whatever LLM they wrap; the user turn of
 # each, for processors without a chat template (picked by the checkpoint's name).
@@ -167,42 +166,44 @@ def format_prompt(family, text=None, image=False, instruction=None, processor=No
 def process(processor, family, texts=None, images=None, instructions=None, max_length=None):
     """One chunk of inputs (lists; an entry may be None) -> a left-padded batch of CPU tensors
     for `model.model(**batch)`. Rows with and without an image may share a chunk in every
-    family. `max_length` caps each row's tokens, image tokens included (see `shorten`)."""
+    family. `max_length` (the family's official max_len) cuts rows as the official pipeline
+    does: an MMEB row at its end, by the processor's tokenizer (`truncation=True`), image
+    tokens counted, except a Phi-3.5-V row with an image, which its processor never cuts; an
+    "in one word" prompt in its content (`fit_content`), so the template's end stays."""
     n = len(next(x for x in (texts, images, instructions) if x is not None))
     texts, images, instructions = (list(x) if x is not None else [None] * n
                                    for x in (texts, images, instructions))
-    for _ in range(4):  # re-tokenizing a cut text may merge tokens differently: measure again
-        prompts = [format_prompt(family, t, im is not None, ins, processor)
-                   for t, im, ins in zip(texts, images, instructions)]
-        batch = _batch(processor, family, prompts, images)
-        lengths = batch["attention_mask"].sum(1).tolist()
-        over = [(i, n_tokens - max_length) for i, n_tokens in enumerate(lengths)
-                if max_length and n_tokens > max_length]
-        if not over:
-            return batch
-        for i, excess in over:
-            if instructions[i] is not None:
-                instructions[i] = shorten(_tokenizer(processor), instructions[i], excess)
-            else:
-                texts[i] = shorten(_tokenizer(processor), texts[i], excess)
-    raise ValueError(f"could not fit rows {[i for i, _ in over]} into {max_length} tokens")
+    if max_length:
+        texts = fit_content(processor, family, texts, images, instructions, max_length)
+    prompts = [format_prompt(family, t, im is not None, ins, processor)
+               for t, im, ins in zip(texts, images, instructions)]
+    try:
+        batch = _batch(processor, family, prompts, images, max_length)
+    except (ValueError, TypeError) as error:  # HF processors refuse a cut through image tokens
+        if max_length and family != "phi3_v":
+            _refuse_cut_images(processor, family, prompts, images, max_length, error)
+        raise
+    if max_length and family != "phi3_v":
+        _refuse_cut_images(processor, family, prompts, images, max_length, batch=batch)
+    return batch
 
 
-def _batch(processor, family, prompts, images):
+def _batch(processor, family, prompts, images, max_length=None):
+    cut = dict(truncation=True, max_length=max_length) if max_length else {}
     if family == "phi3_v":
-        return _one_prompt_per_call(processor, prompts, images)
+        return _one_prompt_per_call(processor, prompts, images, cut)
     # every processor here accepts images nested per sample; Idefics3, SmolVLM and Gemma 3 need it
     nested = [[im] if im is not None else [] for im in images]
     return dict(processor(text=prompts, images=nested if any(nested) else None, padding=True,
-                          padding_side="left", return_tensors="pt"))
+                          padding_side="left", return_tensors="pt", **cut))
 
 
-def _one_prompt_per_call(processor, prompts, images):
+def _one_prompt_per_call(processor, prompts, images, cut):
     """Phi-3.5-V's processor takes one prompt string per call when it has an image (it splits on
     `<|image_N|>` and returns a batch of one): process row by row, then left-pad and stack, as
     VLM2Vec's collator does. Image tokens are negative ids; the model places the images' features
     at them in row order, so `pixel_values` holds only the rows that have an image."""
-    rows = [processor(p, [im] if im is not None else None, return_tensors="pt")
+    rows = [processor(p, [im] if im is not None else None, return_tensors="pt", **cut)
             for p, im in zip(prompts, images)]
     width, pad = max(r["input_ids"].shape[1] for r in rows), _tokenizer(processor).pad_token_id
 
@@ -217,23 +218,54 @@ def _one_prompt_per_call(processor, prompts, images):
     return batch
 
 
-def shorten(tokenizer, text, n_tokens):
-    """`text` less about `n_tokens` tokens, taken from its middle.
-    Why the middle: the embedding is read at the prompt's last token, so its end stays; MMEB puts
-    the task instruction first ("Represent the given image with the following question: ..."),
-    so its start stays; image placeholders before the cut region stay (MMEB puts them first).
-    The official code cuts the end instead (the tokenizer's right-side truncation), which moves
-    the embedding position into the middle of a sentence; it only matters for rows longer than
-    max_len. The chat template and the "in one word" instruction are never cut: they are added
-    around `text` afterwards."""
-    tags = list(PLACEHOLDER.finditer(text))
-    head, body = (text[:tags[-1].end()], text[tags[-1].end():]) if tags else ("", text)
-    ids = tokenizer(body, add_special_tokens=False)["input_ids"]
-    keep = len(ids) - n_tokens
-    if keep <= 0:
-        raise ValueError(f"max_length leaves no room for the text {text[:60]!r}...: raise it")
-    front = keep - keep // 2
-    return head + tokenizer.decode(ids[:front]) + tokenizer.decode(ids[len(ids) - keep // 2:])
+def fit_content(processor, family, texts, images, instructions, max_length):
+    """`texts` with each "in one word" prompt's content cut at its end until the whole prompt
+    fits in `max_length` tokens. The official evaluation never cuts these prompts; cutting the
+    whole prompt at its end would drop the template's suffix ("...in one word:", the assistant
+    turn), where the embedding is read. Phi-3.5-V rows with an image are left whole, as its
+    processor leaves them."""
+    texts = list(texts)
+    rows = [i for i, (t, im, ins) in enumerate(zip(texts, images, instructions))
+            if t is not None and ins is None and not (family == "phi3_v" and im is not None)]
+    tokenizer, tries = _tokenizer(processor), 4
+    while rows:  # re-tokenizing a cut text may merge tokens differently: measure again
+        prompts = [format_prompt(family, texts[i], images[i] is not None, None, processor)
+                   for i in rows]
+        lengths = _batch(processor, family, prompts, [images[i] for i in rows])[
+            "attention_mask"].sum(1).tolist()
+        over = [(i, n) for i, n in zip(rows, lengths) if n > max_length]
+        rows, tries = [i for i, _ in over], tries - 1
+        if over and not tries:
+            raise ValueError(f"could not fit the texts of rows {rows} into {max_length} tokens")
+        for i, n in over:
+            ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+            keep = len(ids) - (n - max_length)
+            if keep <= 0:
+                raise ValueError(f"max_length {max_length} leaves no room for the text "
+                                 f"{texts[i][:60]!r}...: raise it")
+            texts[i] = tokenizer.decode(ids[:keep])
+    return texts
+
+
+def _refuse_cut_images(processor, family, prompts, images, max_length, error=None, batch=None):
+    """Stop in one line, naming the rows, where max_length cuts into a row's image tokens: most
+    processors raise an error that names no row (Idefics3's is a TypeError), a processor that
+    does not check would give the model fewer image tokens than image features."""
+    image_token = getattr(processor, "image_token_id", None)
+    cut = []
+    for i, image in enumerate(images):
+        if image is None or (batch is not None and (
+                image_token is None or batch["attention_mask"][i].sum() < max_length)):
+            continue
+        whole = _batch(processor, family, [prompts[i]], [image])["input_ids"][0]
+        if batch is None:
+            cut += [i] if len(whole) > max_length else []
+        elif (whole == image_token).sum() != (batch["input_ids"][i] == image_token).sum():
+            cut.append(i)
+    if cut:
+        why = f" ({str(error).splitlines()[0]})" if error else ""
+        raise ValueError(f"rows {cut}: max_length {max_length} cuts into their image tokens"
+                         f"{why}; raise max_length or use smaller images") from error
 
 
 # ---------------------------------------------------------------- images

@@ -152,6 +152,12 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
 
+    # what model code reads of the wrapped layer (Phi-3.5-V: img_projection[0].bias.device)
+    weight, bias = property(lambda s: s.base.weight), property(lambda s: s.base.bias)
+    in_features, out_features = (property(lambda s: s.base.in_features),
+                                 property(lambda s: s.base.out_features))
+    dtype, device = property(lambda s: s.weight.dtype), property(lambda s: s.weight.device)
+
     def forward(self, x):
         update = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T
         return self.base(x) + (self.scaling * update).to(x.dtype)

@@ -132,11 +132,13 @@ def gradcache_backward(model, sides, reps, states, device, amp):
 
 
 def chunk_forward(model, chunk, device, amp):
-    """A chunk's embeddings, from a copy on the device: a processor output's .to() would move
-    the chunk itself, and every chunk of the step would then stay on the device to its end."""
+    """A chunk's embeddings, from a fresh copy of its inputs per pass: a model may edit its
+    inputs in place (Phi-3.5-V clamps input_ids, erasing its image tokens), `.to()` returns the
+    tensor itself on its own device, and a processor output's .to() would move the chunk itself
+    (every chunk of the step would then stay on the device to its end)."""
     with M.autocast(device, amp):
-        return M.embed(model, {k: v.to(device, non_blocking=True) if torch.is_tensor(v)
-                               else v for k, v in chunk.items()})
+        return M.embed(model, {k: v.to(device, non_blocking=True, copy=True)
+                               if torch.is_tensor(v) else v for k, v in chunk.items()})
 
 
 # ---------------------------------------------------------------- several GPUs

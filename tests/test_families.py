@@ -6,9 +6,9 @@ targets. test_family_runs.py trains and evaluates each of them.
 
 Each checkpoint is built offline, saved as a hub checkpoint is and loaded back by path with
 `model.load_mllm`, as a downloaded one is (processors through `families.load_processor`, which
-copes without torchvision), except Phi-3.5-V: its remote code cannot be fetched here, so it runs
-on stand-ins (tiny_phi3_v.py). Expected strings are written out by hand from the official
-code's format.
+copes without torchvision); Phi-3.5-V's folder holds remote code written here with the hub's
+contract (tiny_phi3_v.py, phi3_v_remote/) and loads with trust_remote_code, as a download does.
+Expected strings are written out by hand from the official code's format.
 """
 import functools
 import importlib.util
@@ -40,7 +40,7 @@ def one_thread():
 LLAVA_PROJECTOR = ("model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2")
 QWEN_PROJECTOR = ("model.visual.merger.mlp.0", "model.visual.merger.mlp.2")
 SPECS = {
-    "phi3_v": ("phi3_v", None, "model.layers.",
+    "phi3_v": ("phi3_v", tiny_phi3_v.build_phi3_v, "model.layers.",
                ("model.vision_embed_tokens.img_projection.0",
                 "model.vision_embed_tokens.img_projection.2")),
     "llava": ("llava", tiny.build_llava, "model.language_model.", LLAVA_PROJECTOR),
@@ -80,9 +80,8 @@ def build_checkpoint(name, folder):
 
 def build(name, folder):
     """(family, model, processor) loaded by path as a downloaded checkpoint would be."""
-    if name == "phi3_v":
-        return ("phi3_v", *tiny_phi3_v.build_phi3_v())
-    model, processor, family = M.load_mllm(build_checkpoint(name, folder))
+    model, processor, family = M.load_mllm(build_checkpoint(name, folder),
+                                           trust_remote_code=name == "phi3_v")
     return family, model.eval(), processor
 
 
@@ -95,12 +94,10 @@ def loaded(request, tmp_path_factory):
 
 def test_family_comes_from_the_config_and_the_processor_pads_left(loaded):
     name, family, model, processor = loaded
-    config = model.config if name != "phi3_v" else type("Cfg", (), {"model_type": "phi3_v"})()
-    assert families.family_of(config) == family == SPECS[name][0]
-    assert families.family_of(config, override="llava") == "llava"
-    if name != "phi3_v":
-        assert processor.tokenizer.padding_side == "left"  # saved right-padded
-        assert "torchvision" not in type(processor.image_processor).__module__
+    assert families.family_of(model.config) == family == SPECS[name][0]
+    assert families.family_of(model.config, override="llava") == "llava"
+    assert processor.tokenizer.padding_side == "left"  # saved right-padded
+    assert "torchvision" not in type(processor.image_processor).__module__
 
 
 # ---------------------------------------------------------------- prompts
@@ -114,7 +111,8 @@ MISTRAL_TEXT = "[INST] a red cat\nSummary above sentence in one word: [/INST]"
 def test_in_one_word_prompts_stay_deepglints_strings_with_the_processor(tmp_path):
     """deepglint/UniME self_evaluate/retrieval_self.py, written out by hand (test_unime.py
     checks them without a processor): neither processor's own template changes them."""
-    _, phi = tiny_phi3_v.build_phi3_v()
+    phi = AutoProcessor.from_pretrained(tiny_phi3_v.build_phi3_v(str(tmp_path / "phi")),
+                                        trust_remote_code=True)
     assert families.format_prompt("phi3_v", image=True, processor=phi) == PHI_IMAGE
     assert families.format_prompt("phi3_v", text="a red cat", processor=phi) == PHI_TEXT
     mistral = AutoProcessor.from_pretrained(tiny.build_llava_next(str(tmp_path / "m")))
@@ -259,9 +257,10 @@ def test_chunk_embeds_at_the_last_real_token(loaded, chunk):
     mask = batch["attention_mask"]
     assert (mask[:, -1] == 1).all(), "left padding"
     assert (mask[:, 0] == 0).any(), "the chunk must really be padded for the test to mean much"
-    with torch.no_grad():
-        pooled = last_real_token(model.model(**batch).last_hidden_state, mask)
-        full = model(**batch, output_hidden_states=True).hidden_states[-1][:, -1]
+    fresh = lambda: {k: v.clone() for k, v in batch.items()}  # noqa: E731  (Phi-3.5-V edits
+    with torch.no_grad():                                   # input_ids in place)
+        pooled = last_real_token(model.model(**fresh()).last_hidden_state, mask)
+        full = model(**fresh(), output_hidden_states=True).hidden_states[-1][:, -1]
         torch.testing.assert_close(pooled, full, atol=1e-5, rtol=1e-5)
         rows = [dict(zip(CHUNKS[chunk], row)) for row in zip(*CHUNKS[chunk].values())]
         alone = torch.cat([model.model(**families.process(processor, family, **{
@@ -273,50 +272,77 @@ def test_chunk_embeds_at_the_last_real_token(loaded, chunk):
                                F.normalize(alone, dim=-1), atol=1e-4, rtol=1e-4)
 
 
-def test_phi3_v_processor_takes_one_prompt_per_call():
-    """The stand-in keeps the real contract, which a batched call breaks."""
-    _, processor = tiny_phi3_v.build_phi3_v()
-    with pytest.raises(TypeError):
-        processor([PHI_IMAGE, PHI_IMAGE], images=tiny.images())
-    out = processor(PHI_IMAGE, images=tiny.images()[:1])
-    assert out["input_ids"].shape[0] == 1 and (out["input_ids"] < 0).sum() > 0
-
-
 # ---------------------------------------------------------------- truncation
 
 LONG = " ".join(f"word{i}" for i in range(60)) + " the last words of the text"
+MMEB_LONG = f"<|image_1|>\nRepresent the image with the question: {LONG}"
 
 
-def n_image_tokens(batch, processor):
-    """Image positions: negative ids (Phi-3.5-V) or the processor's image token."""
-    ids = batch["input_ids"]
-    return int(((ids < 0) | (ids == getattr(processor, "image_token_id", -1))).sum())
+def real_ids(batch, i=0):
+    """Row i's token ids without its (left) padding."""
+    return batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
 
 
-@pytest.mark.parametrize("kind", ["sentence", "mmeb"])
-def test_truncation_keeps_the_prompt_end_start_and_image_tokens(loaded, kind):
+def common_end(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
+        n += 1
+    return a[len(a) - n:]
+
+
+def test_mmeb_rows_are_cut_at_their_end_as_the_official_tokenizer_call_does(loaded):
+    """MMEB rows (instruction first, content after) keep their first max_len tokens, image
+    tokens counted, as the official `truncation=True, max_length=max_len` does (no tokenizer
+    here adds an end token): a text-only row, and a row whose image comes first, in one chunk.
+    Phi-3.5-V's processor never cuts a row with an image (the hub's and VLM2Vec's alike)."""
     name, family, _, processor = loaded
-    image = tiny.images()[0]
-    if kind == "sentence":  # image + long text under the "in one word" prompt
-        row = dict(texts=[LONG], images=[image])
-    else:
-        row = dict(instructions=[f"<|image_1|>\nRepresent the image with the question: {LONG}"],
-                   images=[image])
-    full = families.process(processor, family, **row)
-    n = full["input_ids"].shape[1]
-    cut = families.process(processor, family, max_length=n - 40, **row)
-    assert n - 60 <= cut["input_ids"].shape[1] <= n - 40
-    assert n_image_tokens(cut, processor) == n_image_tokens(full, processor) > 0
-    torch.testing.assert_close(cut["input_ids"][0, -8:], full["input_ids"][0, -8:])  # the end
-    torch.testing.assert_close(cut["input_ids"][0, :8], full["input_ids"][0, :8])  # the start
-    words = processor.tokenizer.decode(cut["input_ids"][0][cut["input_ids"][0] >= 0])
-    assert "word0" in words and "of the text" in words and "word30" not in words
+    rows = dict(instructions=[f"Find a caption for the photo: {LONG}", MMEB_LONG],
+                images=[None, tiny.images()[0]])
+    full = families.process(processor, family, **rows)
+    text, image = real_ids(full, 0), real_ids(full, 1)
+    m = min(len(text), len(image)) - 25
+    cut = families.process(processor, family, max_length=m, **rows)
+    assert real_ids(cut, 0) == text[:m]
+    assert real_ids(cut, 1) == (image if family == "phi3_v" else image[:m])
 
 
-def test_truncation_refuses_a_budget_that_leaves_no_text():
-    _, processor = tiny_phi3_v.build_phi3_v()
+@pytest.mark.parametrize("with_image", [False, True])
+def test_in_one_word_prompts_lose_the_end_of_their_content_not_the_template(loaded, with_image):
+    """A zero-shot prompt over max_length loses the end of its text before the template is
+    applied: the template's end, where the embedding is read, stays whole, and so does the
+    text's start (the template's tokens: those shared with the prompt of a one-word text)."""
+    name, family, _, processor = loaded
+    images = [tiny.images()[0]] if with_image else None
+    full = real_ids(families.process(processor, family, texts=[LONG], images=images))
+    suffix = common_end(full, real_ids(families.process(processor, family, texts=["word0"],
+                                                        images=images)))
+    m = len(full) - 20
+    cut = families.process(processor, family, texts=[LONG], images=images, max_length=m)
+    if family == "phi3_v" and with_image:  # its processor never cuts a row with an image
+        assert real_ids(cut) == full
+        return
+    cut = real_ids(cut)
+    assert m - 4 <= len(cut) <= m and len(suffix) >= 3
+    assert cut[-len(suffix):] == suffix
+    words = processor.tokenizer.decode([i for i in cut if i >= 0])
+    assert "word0 word1" in words and "of the text" not in words
+
+
+def test_truncation_refuses_a_budget_that_leaves_no_text(loaded):
+    name, family, _, processor = loaded
     with pytest.raises(ValueError, match="no room"):
-        families.process(processor, "phi3_v", texts=[LONG], max_length=5)
+        families.process(processor, family, texts=[LONG], max_length=5)
+
+
+def test_a_cut_through_image_tokens_is_refused_naming_the_row(loaded):
+    """A max_length shorter than a row's image tokens: one line naming the row, not the
+    processor's own error (Idefics3's is a TypeError) or a silent mismatch."""
+    name, family, _, processor = loaded
+    if family == "phi3_v":
+        pytest.skip("Phi-3.5-V's processor never cuts a row with an image")
+    with pytest.raises(ValueError, match=r"rows \[1\]: max_length 3 cuts into their image"):
+        families.process(processor, family, instructions=["a text row", MMEB_LONG],
+                         images=[None, tiny.images()[0]], max_length=3)
 
 
 # ---------------------------------------------------------------- LoRA targets

@@ -5,8 +5,8 @@ one stage-2 step on data files in the paper's formats, then the stage-2 output s
 
     pytest -q tests/test_family_runs.py
 
-Phi-3.5-V's remote code cannot be loaded by path offline: its stand-ins (tiny_phi3_v.py) are
-put in place of what `model.load_mllm` returns; everything after the load is the same path.
+Phi-3.5-V's folder holds remote code (tiny_phi3_v.py): it runs with `--trust-remote-code`, as a
+download does; test_phi3_v.py takes it through every step, export included.
 """
 import argparse
 import csv
@@ -22,13 +22,9 @@ from PIL import Image
 import eval as ev
 import model as M
 import runs
-import tiny_phi3_v
 import train
 from test_families import SPECS, build, build_checkpoint
 from test_families import one_thread  # noqa: F401  (autouse: one torch thread here too)
-
-PHI_STAND_IN = "phi3_v-stand-in"
-
 
 @pytest.fixture(scope="module")
 def paper_data(tmp_path_factory):
@@ -73,40 +69,35 @@ def steps(out):
         return [json.loads(line) for line in f]
 
 
-def run_pipeline(model, root, tmp, family=()):
-    """Stage 1 from `model`, stage 2 from its output, MMEB eval of that -> (metas, result)."""
+def run_pipeline(model, root, tmp, flags=()):
+    """Stage 1 from `model`, stage 2 from its output, MMEB eval of that -> (metas, result).
+    flags: more train.py flags (--family; --trust-remote-code, which eval.py gets too)."""
     common = ["--max-steps", "1", "--batch-size", "4", "--chunk-size", "2", "--lora-r", "2",
-              "--lora-alpha", "4", "--workers", "0", "--device", "cpu", *family]
+              "--lora-alpha", "4", "--workers", "0", "--device", "cpu", *flags]
     train.main(["--stage", "1", "--model", model, "--data", str(root / "nli.csv"),
                 "--out", str(tmp / "stage1"), "--eval-pairs", "0", "--teacher", "all-MiniLM-L6-v2",
                 "--teacher-cache", str(root / "teacher.pt"), *common])
     train.main(["--stage", "2", "--model", str(tmp / "stage1"), "--data",
                 str(root / "mmeb_train.jsonl"), "--image-root", str(root), "--k", "2",
                 "--out", str(tmp / "stage2"), *common])
+    remote = [f for f in flags if f == "--trust-remote-code"]
     result = ev.main(["--task", "mmeb", "--model", str(tmp / "stage2"), "--data",
                       str(root / "ImageNet-1K.jsonl"), str(root / "MSCOCO_t2i.jsonl"),
                       "--image-root", str(root), "--cache-dir", "", "--out",
-                      str(tmp / "results.json")])
+                      str(tmp / "results.json"), *remote])
     return [runs.read_stage_meta(tmp / s) for s in ("stage1", "stage2")], result
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_stage1_stage2_and_mmeb_eval_by_path(name, paper_data, tmp_path, monkeypatch):
+def test_stage1_stage2_and_mmeb_eval_by_path(name, paper_data, tmp_path):
     """One step of each stage and an MMEB evaluation through train.py and eval.py's own entry
     points: the family is read from the checkpoint, stage 1 adapts the decoder only, stage 2 the
     vision side and projector too, and both steps give a finite loss and gradient."""
     family, _, decoder, projector = SPECS[name]
-    if name == "phi3_v":
-        def load_stand_in(path, *args, **kwargs):
-            assert path == PHI_STAND_IN
-            return (*tiny_phi3_v.build_phi3_v(), "phi3_v")
-        monkeypatch.setattr(M, "load_mllm", load_stand_in)
-        monkeypatch.setattr(runs, "require_model", lambda *a: None)  # no config to look up
-        model = PHI_STAND_IN
-    else:
-        model = build_checkpoint(name, tmp_path)
-    (meta1, meta2), result = run_pipeline(model, paper_data, tmp_path)
+    remote = ("--trust-remote-code",) if name == "phi3_v" else ()
+    (meta1, meta2), result = run_pipeline(build_checkpoint(name, tmp_path), paper_data, tmp_path,
+                                          remote)
     assert meta1["family"] == meta2["family"] == family
     assert all(t.startswith(decoder) for t in meta1["lora"]["targets"])
     assert set(projector) <= set(meta2["lora"]["targets"])
@@ -116,17 +107,18 @@ def test_stage1_stage2_and_mmeb_eval_by_path(name, paper_data, tmp_path, monkeyp
         (record,) = steps(tmp_path / stage)
         assert math.isfinite(record["loss"]) and record["grad_norm"] > 0
     scores = result["models"][str(tmp_path / "stage2")]["datasets"]
-    assert scores == pytest.approx(mmeb_by_hand(tmp_path / "stage2", paper_data, family))
+    assert scores == pytest.approx(mmeb_by_hand(tmp_path / "stage2", paper_data, family,
+                                                 bool(remote)))
 
 
 # VLM2Vec's MMEB evaluation sizes (`image_resolution` "high"), written out; others unresized
 EVAL_SIDE = {"llava_next": 1344, "llava_onevision": 1344, "qwen2_vl": 1344, "qwen2_5_vl": 1344}
 
 
-def mmeb_by_hand(path, root, family):
+def mmeb_by_hand(path, root, family, trust_remote_code=False):
     """The MMEB scores from the model's own embeddings, one input at a time: each row's query
     against its own candidates, a hit when the first (gold) one scores highest."""
-    model, processor, _ = runs.load_embedder(path)
+    model, processor, _ = runs.load_embedder(path, trust_remote_code=trust_remote_code)
     side = EVAL_SIDE.get(family)
 
     @functools.cache  # candidates repeat across rows
@@ -163,26 +155,36 @@ def test_a_model_type_without_a_family_runs_with_family(paper_data, tmp_path):
 
 @pytest.mark.parametrize("name", ["phi3_v", "llava_next"])
 def test_stage2_rows_get_the_familys_max_len_and_336_px_images(name, paper_data, tmp_path):
-    """train.py's stage-2 batches: MMEB rows cut to the official max_len (Phi-3.5-V: 256) with
-    the prompt's end kept; images squashed to 336 x 336 (§4.1), except Phi-3.5-V's, which its
-    processor tiles as they are (the stand-in reports the tiled size: 16 x 32 for 32 x 20)."""
+    """train.py's stage-2 batches, as VLM2Vec's collator makes them at the official max_len
+    (Phi-3.5-V: 256): a text-only row keeps its first 256 tokens; a row with an image is whole,
+    as the hub's processor leaves it (its image alone is 757 tokens here), never "no room".
+    Images squashed to 336 x 336 (§4.1), except Phi-3.5-V's, which its processor tiles (32 x 20
+    at 4 crops: a 2 x 2 grid, 672 x 672). LLaVA-NeXT (4096): both rows whole."""
     family, model, processor = build(name, tmp_path)
-    long_row = "<|image_1|>\nRepresent the given image with the following question: " + \
-        " ".join(f"word{i}" for i in range(300)) + " What is it?"
-    rows = [{"qry": long_row, "qry_image": str(paper_data / "blue.png"), "pos": "blue",
+    words = " ".join(f"word{i}" for i in range(300))
+    image_row = f"<|image_1|>\nRepresent the given image with the following question: {words} " \
+        "What is it?"
+    text_row = f"Find me an everyday image that matches the given caption: {words} The end."
+    rows = [{"qry": image_row, "qry_image": str(paper_data / "blue.png"), "pos": text_row,
              "pos_image": None}] * 2
     args = argparse.Namespace(stage=2, batch_size=2, seed=0, chunk_size=2, image_size=336,
                               hard_negatives=False, max_steps=1)
     source = {"n_rows": 2, "rows": lambda ids: [rows[i] for i in ids]}
-    (_, chunk), = train.StepBatches(args, source, processor, family, 0, 1)[0]["sides"]["qry"]
-    n_tokens = chunk["attention_mask"].sum(1)
-    if name == "phi3_v":
-        assert (n_tokens <= 256).all() and (n_tokens > 200).all()
-        assert chunk["image_sizes"].tolist() == [[16, 32]] * 2
+    sides = train.StepBatches(args, source, processor, family, 0, 1)[0]["sides"]
+    (_, images), (_, texts) = sides["qry"][0], sides["pos"][0]
+    if name == "phi3_v":  # the processor by itself, untruncated, one prompt per call
+        whole = processor(image_row, [Image.open(paper_data / "blue.png").convert("RGB")])
+        assert (whole["input_ids"] < 0).sum() == 757
+        assert images["input_ids"].tolist() == whole["input_ids"].tolist() * 2
+        assert images["image_sizes"].tolist() == [[672, 672]] * 2
+        first = processor(text_row)["input_ids"][0][:256].tolist()
+        assert texts["input_ids"].tolist() == [first] * 2
     else:  # no official cut below 4096: the whole row
-        assert (n_tokens > 300).all() and chunk["image_sizes"].tolist() == [[336, 336]] * 2
-    ends = processor.tokenizer(" What is it?", add_special_tokens=False)["input_ids"]
-    assert chunk["input_ids"][0, -len(ends):].tolist() == ends
+        n_tokens = images["attention_mask"].sum(1)
+        assert (n_tokens > 300).all() and images["image_sizes"].tolist() == [[336, 336]] * 2
+        for chunk, end in ((images, " What is it?"), (texts, " The end.")):
+            ends = processor.tokenizer(end, add_special_tokens=False)["input_ids"]
+            assert chunk["input_ids"][0, -len(ends):].tolist() == ends
 
 
 def test_mmeb_eval_takes_the_familys_image_size_unless_told(paper_data, tmp_path):

@@ -5,7 +5,7 @@ model and of the processor, the processor class named as on the hub), so the tes
 through the Auto classes like any hub id. Tokenizers are trained here with the `tokenizers`
 library; chat templates render the same strings as the real checkpoints' templates for the
 conversations used here (image first, then text, one user turn). Phi-3.5-V, whose code is
-remote, has stand-ins instead: tiny_phi3_v.py.
+remote, has its own builder: tiny_phi3_v.py (the folder a download is, remote code included).
 """
 import json
 import os
