@@ -24,6 +24,7 @@ import families
 import model as M
 
 MANIFEST = "export.json"  # names what an export wrote, so --overwrite removes nothing else
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -59,8 +60,8 @@ def peft_adapter(loras, base_name):
 def write_adapter(folder, tensors, config):
     from safetensors.torch import save_file  # a dependency of transformers
     os.makedirs(folder)
-    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), {"format": "pt"})
-    with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as f:
+    save_file(tensors, os.path.join(folder, ADAPTER_FILES[1]), {"format": "pt"})
+    with open(os.path.join(folder, ADAPTER_FILES[0]), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=1)
 
 
@@ -148,6 +149,7 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
     previous = check_out(out, overwrite)
     model, processor, family = M.load_embedder(run, "cpu", torch.float32, trust_remote_code,
                                                merge=False)
+    require_finite_weights(model, run)
     start, last = M.stage_init(*chain[0]), chain[0][1]
     adapter_base = bool(last["lora"]) and M.read_stage_meta(start) is not None
     parent = os.path.dirname(os.path.abspath(out))
@@ -170,9 +172,9 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
         M.save_pretrained(tmp, model, processor)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(chain, root, family, processor, adapter_base))
-        files = sorted(os.listdir(tmp)) + [MANIFEST]
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump({"run": os.path.abspath(run), "run_id": last["id"], "files": files}, f)
+            json.dump({"run": os.path.abspath(run), "run_id": last["id"],
+                       "paths": sorted(files_under(tmp) + [MANIFEST])}, f)
         umask = os.umask(0)
         os.umask(umask)
         for folder, _, names in os.walk(tmp):  # usual permissions: mkdtemp's folder and
@@ -196,8 +198,8 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
 
 
 def check_out(out, overwrite):
-    """`out` may be absent or empty; with --overwrite, an earlier export holding only what it
-    wrote. Returns whether an earlier export is to be replaced."""
+    """`out` may be absent or empty; with --overwrite, an earlier export holding only files it
+    wrote (at any depth) and no symbolic link. Returns whether an earlier export is replaced."""
     present = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"{out} is a file, not a folder")
@@ -208,15 +210,46 @@ def check_out(out, overwrite):
         raise SystemExit(f"{out} is not empty; choose a new folder" +
                          (", or pass --overwrite to replace this earlier export"
                           if os.path.isfile(manifest) else ""))
-    if not os.path.isfile(manifest):
+    if os.path.islink(out):
+        raise SystemExit(f"{out} is a symbolic link: name the folder itself, or a new one")
+    if not os.path.isfile(manifest) or os.path.islink(manifest):
         raise SystemExit(f"--overwrite replaces only an earlier export, and {out} is not one "
                          f"(no {MANIFEST}); choose a new folder")
-    with open(manifest, encoding="utf-8") as f:
-        foreign = sorted(set(present) - set(json.load(f)["files"]))
+    links = [p for p in files_under(out, links=True) if os.path.islink(os.path.join(out, p))]
+    foreign = sorted(set(files_under(out)) - exported_paths(manifest) | set(links))
     if foreign:
         raise SystemExit(f"{out} holds files no export wrote ({', '.join(foreign[:5])}); "
                          f"move them or choose a new folder")
     return True
+
+
+def files_under(folder, links=False):
+    """Every file below `folder` as a relative path (and, with links, every symbolic link)."""
+    return [os.path.relpath(os.path.join(top, name), folder)
+            for top, dirs, names in os.walk(folder)
+            for name in names + ([d for d in dirs if os.path.islink(os.path.join(top, d))]
+                                 if links else [])]
+
+
+def exported_paths(manifest):
+    """The files an export wrote, as its export.json names them. Older exports listed the top
+    level only: their adapter/ holds PEFT's two files, their adapter-base/ the model's files."""
+    with open(manifest, encoding="utf-8") as f:
+        made = json.load(f)
+    if "paths" in made:
+        return set(made["paths"])
+    top = [name for name in made["files"] if name not in ("adapter", "adapter-base")]
+    return set(top) | {f"adapter/{name}" for name in ADAPTER_FILES} | {
+        f"adapter-base/{name}" for name in top}
+
+
+def require_finite_weights(model, run):
+    """Stop before writing anything when a weight holds NaN or inf (an exported model would
+    embed everything as NaN, which the official scorer counts as perfect)."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise SystemExit(f"{run}: {len(bad)} weight tensors hold NaN or inf ({bad[0]}, ...); "
+                         f"a broken model is not exported")
 
 
 def main(argv=None):

@@ -7,7 +7,6 @@ between families (prompts, batching, truncation, image sizes, LoRA targets).
 A stage of train.py writes a folder that `load_embedder` turns back into a model: the adapter
 merged onto the model it started from.
 """
-import hashlib
 import json
 import math
 import os
@@ -156,6 +155,16 @@ def encode(model, processor, family, texts=None, images=None, instructions=None,
     return out
 
 
+def require_finite(vectors, model):
+    """vectors (n, d), or a stop naming `model` and how many rows hold NaN or inf: scored, they
+    would look perfect to a metric that breaks ties by position."""
+    bad = int((~torch.isfinite(vectors)).any(dim=-1).sum())
+    if bad:
+        raise SystemExit(f"{model}: {bad} of {len(vectors)} embeddings are NaN or infinite; a "
+                         f"broken model is not scored (check its weights and --dtype)")
+    return vectors
+
+
 # ---------------------------------------------------------------- LoRA, written out
 
 class LoRALinear(nn.Module):
@@ -255,14 +264,16 @@ def save_atomic(path, obj):
         raise
 
 
-def save_pretrained(out, model, processor):
+def save_pretrained(out, model, processor, before_rename=None):
     """model.save_pretrained and processor.save_pretrained, atomically per file: written into a
     temporary folder inside `out`, then each file renamed into place with the usual
-    permissions. Nothing else in `out` is touched."""
+    permissions (before_rename gets their names first). Nothing else in `out` is touched."""
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    if before_rename:
+        before_rename(os.listdir(tmp))
     umask = os.umask(0)
     os.umask(umask)
     for name in os.listdir(tmp):
@@ -272,25 +283,9 @@ def save_pretrained(out, model, processor):
 
 
 def model_identity(path):
-    """What a model is, to tell it from another: a stage output's id; for a folder, its files'
-    names, sizes and contents (large weight files by size and mtime: hashing GBs is slow); a
-    hub id as given."""
-    meta = read_stage_meta(path)
-    if meta:
-        return meta["id"]
-    if not os.path.isdir(path):
-        return str(path)
-    h = hashlib.sha256()
-    for f in sorted(os.scandir(path), key=lambda f: f.name):
-        if f.is_file() and not f.name.startswith("."):
-            st = f.stat()
-            h.update(f"{f.name} {st.st_size}".encode())
-            if st.st_size < 64 << 20:
-                with open(f.path, "rb") as fh:
-                    h.update(fh.read())
-            else:
-                h.update(str(st.st_mtime_ns).encode())
-    return f"{os.path.basename(os.path.normpath(path))}@{h.hexdigest()[:16]}"
+    """What a model is, by the content of its files (checkpoint.model_identity)."""
+    import checkpoint  # which imports this file
+    return checkpoint.model_identity(path)
 
 
 def read_stage_meta(path):
@@ -309,14 +304,14 @@ def stage_init(path, meta):
         else meta["init"]
 
 
-def save_stage_output(out, model, processor, init, stage, family, lora):
+def save_stage_output(out, model, processor, init, stage, family, lora, before_rename=None):
     """What a later stage or eval.py loads: the adapter (or, with lora=None, the whole model),
     then `unime.json`: what it started from, that model's identity, the LoRA shape and the
     layers it wraps (so loading rebuilds the same adapter whatever families.py says then)."""
     if lora:
         save_atomic(os.path.join(out, "adapter.pt"), lora_state_dict(model))
     else:  # full fine-tuning: the folder is the model
-        save_pretrained(out, model, processor)
+        save_pretrained(out, model, processor, before_rename)
     local = os.path.exists(init)
     meta = {"stage": stage, "family": family, "lora": lora, "id": uuid.uuid4().hex,
             "init": os.path.relpath(init, out) if local else init, "init_is_local": local,
@@ -344,10 +339,9 @@ def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_co
     if not meta["lora"]:  # a full fine-tune: the folder is the model
         return load_mllm(path, dtype, device, trust_remote_code, family or meta["family"])
     init = stage_init(path, meta)
-    if model_identity(init) != meta["init_identity"]:
-        raise SystemExit(f"{path}: its adapter was trained on {init} as it was then "
-                         f"({meta['init_identity']}); that model has changed since "
-                         f"({model_identity(init)}). Retrain this stage from it.")
+    import checkpoint  # which imports this file
+    checkpoint.require_same_model(init, meta["init_identity"], f"{path}: its adapter was "
+                                  f"trained on {init}")
     model, processor, family = load_embedder(init, device, dtype, trust_remote_code,
                                              family or meta["family"])
     inject_lora(model, **meta["lora"])

@@ -240,6 +240,7 @@ def train(args, source):
         raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over the "
                          f"{world} processes")
     main_rank = rank == 0
+    args.data_content = checkpoint.data_content(args, source)  # --resume refuses other rows
     with checkpoint.claimed(args) if main_rank else contextlib.nullcontext() as lock:
         weights, amp = M.precision(device, args.dtype)
         report = source["report"]
@@ -247,7 +248,8 @@ def train(args, source):
             M.require_model(args.model, args.trust_remote_code)  # is freed before the student
             teacher, index, teacher_rows = distill.teacher_targets(args, source, device)  # loads
             if source["heldout"]:
-                report = distill.teacher_report(teacher, index, source["heldout"], device, amp)
+                report = distill.teacher_report(teacher, index, source["heldout"], device, amp, (
+                    f"the student of {args.model}", f"teacher {args.teacher}"))
         model, processor, family = M.load_embedder(args.model, device, weights,
                                                    args.trust_remote_code, args.family,
                                                    load_in_4bit=args.load_in_4bit)
@@ -317,7 +319,7 @@ def train(args, source):
         if not main_rank:
             return {}
         log.close()
-        M.save_stage_output(args.out, model, processor, args.model, args.stage, family, lora)
+        checkpoint.save_output(args.out, model, processor, args.model, args.stage, family, lora)
         after = report(model.eval(), processor, family) if report else {}
     if before:
         print(f"\nstage {args.stage}, held-out | before | after\n---|---|---")

@@ -263,7 +263,8 @@ def test_out_is_never_deleted_and_another_runs_output_is_refused(shared, tiny_pa
     first = M.read_stage_meta(run)["id"]
     stage1(shared, tiny_path, run, "--overwrite")
     assert M.read_stage_meta(run)["id"] != first
-    assert sorted(os.listdir(run)) == ["adapter.pt", "checkpoint.pt", "log.jsonl", "unime.json"]
+    assert sorted(os.listdir(run)) == ["adapter.pt", "checkpoint.pt", "log.jsonl",
+                                       "run-files.json", "unime.json"]
     for name in os.listdir(run):  # readable by others, as files normally are
         assert normal_permissions(run / name), name
 
@@ -440,7 +441,7 @@ def test_a_full_disk_mid_run_names_the_file_and_the_run_resumes_exactly(shared, 
     with pytest.raises(SystemExit, match=r"cannot write .*run/checkpoint.pt: No space left"):
         stage1(shared, tiny_path, run, "--max-steps", "3", "--save-every", "1")
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 1
-    assert sorted(os.listdir(run)) == ["checkpoint.pt", "log.jsonl"]  # no temp, no lock
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "log.jsonl", "run-files.json"]  # no lock
     monkeypatch.setattr(torch, "save", REAL_SAVE)  # space again
     stage1(shared, tiny_path, run, "--max-steps", "3", "--save-every", "1", "--resume")
     a, b = (torch.load(d / "adapter.pt", weights_only=True) for d in (run, tmp_path / "straight"))
