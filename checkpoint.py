@@ -36,7 +36,8 @@ def run_config(args):
 def data_content(args, source):
     """The data a run trains on, by content (train.py stores it in args.data_content): the rows
     read (their count and a hash) and each --data file's sha256, which names what changed. None
-    for the toy, whose rows follow from --seed. Measured: ~2.5 us a row, ~3 s at 1.3M rows."""
+    for the toy, whose rows follow from --seed. Measured on 2 busy cores: 4-7 us a row, 5.6 s
+    for 1.3M MMEB-train-like rows (a file's sha256 is cached as a model file's is)."""
     if not getattr(args, "data", None):
         return None
     rows, h = source["rows"](range(source["n_rows"])) + list(source["heldout"]), hashlib.sha256()
