@@ -80,11 +80,11 @@ def read(out, config):
         made = {**made, "data_content": config.get("data_content")}  # in bytes, not in rows
     differ = [k for k in sorted(set(config) | set(made)) if config.get(k) != made.get(k)]
     if "data_content" in differ and "data" not in differ:  # the same --data, other rows
-        made, now = made["data_content"], config["data_content"]
-        files = [p for p, digest in now["files"].items() if made["files"].get(p) != digest]
+        then, now = made["data_content"], config["data_content"]
+        files = [p for p, digest in now["files"].items() if then["files"].get(p) != digest]
         raise SystemExit(f"--resume: the data changed since {path} was written: "
                          f"{', '.join(files) or 'the same files, other rows read'} ("
-                         f"{made['rows']} rows then, {now['rows']} now); restore the data it "
+                         f"{then['rows']} rows then, {now['rows']} now); restore the data it "
                          f"trained on, or start a new run")
     if differ:
         k = differ[0]
