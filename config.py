@@ -18,7 +18,7 @@ import torch
 import data
 import families
 import model as M
-import runs
+import stages
 
 PAPER = {  # §4.1 and Table 6; stage 1 counts 2 epochs of the NLI pairs, not steps
     1: dict(batch_size=768, chunk_size=64, lr=5e-4, lora_r=32, lora_alpha=64, lora_dropout=0.05,
@@ -188,7 +188,7 @@ def check_4bit(error, args):
               "without them, leave it out: bf16 weights need about 4x the memory of 4-bit ones")
     if args.lora_r == 0:
         error("--load-in-4bit trains a LoRA over frozen 4-bit weights; --lora-r 0 cannot")
-    if runs.read_stage_meta(args.model):
+    if stages.read_stage_meta(args.model):
         error(f"--load-in-4bit quantizes a plain model (an HF id or a folder); {args.model} is "
               f"a stage output")
 
@@ -237,7 +237,7 @@ def preset_name(args):
 
 
 def backbone_family(name):
-    meta = runs.read_stage_meta(name)
+    meta = stages.read_stage_meta(name)
     if meta:
         return meta["family"]
     from transformers import PretrainedConfig

@@ -1,12 +1,20 @@
 """Shared test fixtures: tiny MLLMs built offline, and small random unit vectors."""
+import atexit
 import os
+import shutil
+import tempfile
 
-import pytest
-import torch
-import torch.nn.functional as F
+# The tests' own cache folder (file hashes and the like), never the user's: set before any
+# project module reads it, and removed when the session ends
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="unime-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
-import toy.default
-import toy.pretrain
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import toy.default  # noqa: E402
+import toy.pretrain  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # The tests' subprocesses (torchrun, kill-and-resume, bench) share 2 cores with this one: OpenMP

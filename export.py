@@ -24,9 +24,10 @@ import torch
 
 import families
 import model as M
-import runs
+import stages
 
 MANIFEST = "export.json"  # names what an export wrote, so --overwrite removes nothing else
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -91,8 +92,8 @@ def savable(model, processor):
 def write_adapter(folder, tensors, config):
     from safetensors.torch import save_file  # a dependency of transformers
     os.makedirs(folder)
-    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), {"format": "pt"})
-    with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as f:
+    save_file(tensors, os.path.join(folder, ADAPTER_FILES[1]), {"format": "pt"})
+    with open(os.path.join(folder, ADAPTER_FILES[0]), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=1)
 
 
@@ -107,7 +108,7 @@ def run_settings(folder):
 
 def model_card(chain, root, family, processor, adapter_base):
     """README.md: what the model is and how to embed with it, in plain transformers."""
-    stages = []
+    lines = []
     for folder, meta in reversed(chain):
         s, lora = run_settings(folder), meta["lora"]
         what = {1: "textual discriminative knowledge distillation (§3.2)",
@@ -117,7 +118,7 @@ def model_card(chain, root, family, processor, adapter_base):
         keys = ("data", "max_steps", "batch_size", "lr", "tau") + (
             ("teacher", "load_in_4bit") if meta["stage"] == 1 else ("k", "beta"))
         shown = ", ".join(f"{k}={s[k]}" for k in keys if s.get(k) not in (None, False))
-        stages.append(f"- stage {meta['stage']}, {what}: {how}" + (f"; {shown}" if shown else ""))
+        lines.append(f"- stage {meta['stage']}, {what}: {how}" + (f"; {shown}" if shown else ""))
     text_prompt = families.format_prompt(family, text="{text}", processor=processor)
     image_prompt = families.format_prompt(family, image=True, processor=processor)
     mmeb_prompt = families.format_prompt(family, image=True, processor=processor, instruction=(
@@ -127,7 +128,7 @@ def model_card(chain, root, family, processor, adapter_base):
         adapter = "No adapter: the last stage fine-tuned every weight."
     else:
         base = "`adapter-base/` (the model the last stage started from, also in this folder)" \
-            if adapter_base else f"`{runs.stage_init(*chain[0])}`"
+            if adapter_base else f"`{stages.stage_init(*chain[0])}`"
         adapter = (f"`adapter/` holds the last stage's LoRA in PEFT's format; it applies to "
                    f"{base}:\n`PeftModel.from_pretrained(AutoModelForImageTextToText."
                    f"from_pretrained(base), 'adapter')` gives the same embeddings as this folder.")
@@ -139,7 +140,7 @@ def model_card(chain, root, family, processor, adapter_base):
 
 A universal multimodal embedding model trained with UniME (Gu et al. 2025, arXiv 2504.17432)
 from **{root}** (family `{family}`). Stages, in order:
-{chr(10).join(stages)}
+{chr(10).join(lines)}
 
 This folder is the merged model: `{loader}` and `AutoProcessor` load it.
 {adapter}
@@ -174,14 +175,15 @@ print(texts @ images.T)  # cosine similarity
 
 def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=False):
     """Write the export of stage output `run` into `out` (see the module docstring)."""
-    chain, root = runs.stage_chain(run)
+    chain, root = stages.stage_chain(run)
     if not chain:
         raise SystemExit(f"{run} is not a finished stage output of train.py (no unime.json)")
     previous = check_out(out, overwrite)
-    model, processor, family = runs.load_embedder(run, "cpu", torch.float32, trust_remote_code,
-                                                  merge=False)
-    start, last = runs.stage_init(*chain[0]), chain[0][1]
-    adapter_base = bool(last["lora"]) and runs.read_stage_meta(start) is not None
+    model, processor, family = stages.load_embedder(run, "cpu", torch.float32, trust_remote_code,
+                                                    merge=False)
+    require_finite_weights(model, run)
+    start, last = stages.stage_init(*chain[0]), chain[0][1]
+    adapter_base = bool(last["lora"]) and stages.read_stage_meta(start) is not None
 
     def write(folder):  # the whole export, in save_atomic's temporary folder
         loras = {name: m for name, m in model.named_modules() if isinstance(m, M.LoRALinear)}
@@ -203,14 +205,14 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
             processor.save_pretrained(folder)
         with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(chain, root, family, processor, adapter_base))
-        files = sorted(os.listdir(folder)) + [MANIFEST]
         with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump({"run": os.path.abspath(run), "run_id": last["id"], "files": files}, f)
+            json.dump({"run": os.path.abspath(run), "run_id": last["id"],
+                       "paths": sorted(files_under(folder) + [MANIFEST])}, f)
     if not previous:
-        return runs.save_atomic(out, write)  # an empty or absent `out`: one rename
+        return stages.save_atomic(out, write)  # an empty or absent `out`: one rename
     # an earlier export: the new one is complete beside it before the two are swapped
     parent, name = os.path.split(os.path.abspath(out))
-    new = runs.save_atomic(os.path.join(parent, f".{name}.new-{uuid.uuid4().hex[:8]}"), write)
+    new = stages.save_atomic(os.path.join(parent, f".{name}.new-{uuid.uuid4().hex[:8]}"), write)
     old = tempfile.mkdtemp(dir=parent, prefix=".old-")
     os.replace(out, os.path.join(old, "export"))
     try:
@@ -224,8 +226,8 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
 
 
 def check_out(out, overwrite):
-    """`out` may be absent or empty; with --overwrite, an earlier export holding only what it
-    wrote. Returns whether an earlier export is to be replaced."""
+    """`out` may be absent or empty; with --overwrite, an earlier export holding only files it
+    wrote (at any depth) and no symbolic link. Returns whether an earlier export is replaced."""
     present = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"{out} is a file, not a folder")
@@ -236,15 +238,46 @@ def check_out(out, overwrite):
         raise SystemExit(f"{out} is not empty; choose a new folder" +
                          (", or pass --overwrite to replace this earlier export"
                           if os.path.isfile(manifest) else ""))
-    if not os.path.isfile(manifest):
+    if os.path.islink(out):
+        raise SystemExit(f"{out} is a symbolic link: name the folder itself, or a new one")
+    if not os.path.isfile(manifest) or os.path.islink(manifest):
         raise SystemExit(f"--overwrite replaces only an earlier export, and {out} is not one "
                          f"(no {MANIFEST}); choose a new folder")
-    with open(manifest, encoding="utf-8") as f:
-        foreign = sorted(set(present) - set(json.load(f)["files"]))
+    links = [p for p in files_under(out, links=True) if os.path.islink(os.path.join(out, p))]
+    foreign = sorted(set(files_under(out)) - exported_paths(manifest) | set(links))
     if foreign:
         raise SystemExit(f"{out} holds files no export wrote ({', '.join(foreign[:5])}); "
                          f"move them or choose a new folder")
     return True
+
+
+def files_under(folder, links=False):
+    """Every file below `folder` as a relative path (and, with links, every symbolic link)."""
+    return [os.path.relpath(os.path.join(top, name), folder)
+            for top, dirs, names in os.walk(folder)
+            for name in names + ([d for d in dirs if os.path.islink(os.path.join(top, d))]
+                                 if links else [])]
+
+
+def exported_paths(manifest):
+    """The files an export wrote, as its export.json names them. Older exports listed the top
+    level only: their adapter/ holds PEFT's two files, their adapter-base/ the model's files."""
+    with open(manifest, encoding="utf-8") as f:
+        made = json.load(f)
+    if "paths" in made:
+        return set(made["paths"])
+    top = [name for name in made["files"] if name not in ("adapter", "adapter-base")]
+    return set(top) | {f"adapter/{name}" for name in ADAPTER_FILES} | {
+        f"adapter-base/{name}" for name in top}
+
+
+def require_finite_weights(model, run):
+    """Stop before writing anything when a weight holds NaN or inf (an exported model would
+    embed everything as NaN, which the official scorer counts as perfect)."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise SystemExit(f"{run}: {len(bad)} weight tensors hold NaN or inf ({bad[0]}, ...); "
+                         f"a broken model is not exported")
 
 
 def main(argv=None):

@@ -136,6 +136,16 @@ def encode(model, processor, family, texts=None, images=None, instructions=None,
     return out
 
 
+def require_finite(vectors, model):
+    """vectors (n, d), or a stop naming `model` and how many rows hold NaN or inf: scored, they
+    would look perfect to a metric that breaks ties by position."""
+    bad = int((~torch.isfinite(vectors)).any(dim=-1).sum())
+    if bad:
+        raise SystemExit(f"{model}: {bad} of {len(vectors)} embeddings are NaN or infinite; a "
+                         f"broken model is not scored (check its weights and --dtype)")
+    return vectors
+
+
 # ---------------------------------------------------------------- LoRA, written out
 
 class LoRALinear(nn.Module):

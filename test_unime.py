@@ -24,6 +24,7 @@ import hardneg
 import model as M
 import runs
 from toy import shapes
+import stages
 import toy.default
 import train
 from conftest import gradcache_step, unit
@@ -674,13 +675,13 @@ def unit_rows(*rows):
     return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
 
 
-def test_hit_at_1_gold_first_and_ties_count_as_hits():
+def test_hit_at_1_gold_first_and_a_tie_is_a_miss():
     q = unit_rows([1, 0], [0, 1], [1, 1])
     c = unit_rows([1, 0], [0, 1], [1, 0.2], [1, 0])  # row 3 equals row 0 exactly
     cand = [[0, 1, 2],   # gold [1,0] is the best: hit
             [2, 1, 0],   # gold [1,.2] loses to [0,1]: miss
-            [3, 0, 1]]   # gold ties with candidate 0 (same vector): first maximum wins -> hit
-    assert ev.hit_at_1(q, c, cand) == pytest.approx(2 / 3)
+            [3, 0, 1]]   # gold ties with candidate 0 (same vector): not beaten, not won: miss
+    assert ev.hit_at_1(q, c, cand) == pytest.approx(1 / 3)
 
 
 def brute_recall(text, image, owner, k):
@@ -815,7 +816,7 @@ def test_resume_continues_exactly_where_the_checkpoint_stopped(tiny_path, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         train.main(common + ["--out", str(tmp_path / "resumed")])
     monkeypatch.setattr(runs, "save", save)
-    assert runs.read_stage_meta(tmp_path / "resumed") is None  # not marked finished
+    assert stages.read_stage_meta(tmp_path / "resumed") is None  # not marked finished
     train.main(common + ["--out", str(tmp_path / "resumed"), "--resume"])
     a = torch.load(tmp_path / "straight" / "adapter.pt")
     b = torch.load(tmp_path / "resumed" / "adapter.pt")

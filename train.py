@@ -26,6 +26,7 @@ import families
 import hardneg
 import model as M
 import runs
+import stages
 import toy.default
 
 SIDES = {1: ("sent0", "sent1"), 2: ("qry", "pos")}  # the two embedded sides of a pair
@@ -249,13 +250,14 @@ def train(args, source, rank=0, world=1, device="cpu", lock=None):
     weights, amp = M.precision(device, args.dtype)
     report = source["report"]
     if args.stage == 1:  # first: a bad cache fails in seconds, and the teacher's memory
-        runs.require_model(args.model, args.trust_remote_code)  # is freed before the student
+        stages.require_model(args.model, args.trust_remote_code)  # is freed before the student
         teacher, index, teacher_rows = distill.teacher_targets(args, source, device)  # loads
         if source["heldout"]:
-            report = distill.teacher_report(teacher, index, source["heldout"], device, amp)
-    model, processor, family = runs.load_embedder(args.model, device, weights,
-                                                  args.trust_remote_code, args.family,
-                                                  load_in_4bit=args.load_in_4bit)
+            report = distill.teacher_report(teacher, index, source["heldout"], device, amp, (
+                f"the student of {args.model}", f"teacher {args.teacher}"))
+    model, processor, family = stages.load_embedder(args.model, device, weights,
+                                                    args.trust_remote_code, args.family,
+                                                    load_in_4bit=args.load_in_4bit)
     lora = add_trainable(model, family, args)
     if args.gradient_checkpointing:
         M.checkpoint_activations(model)
@@ -310,7 +312,7 @@ def train(args, source, rank=0, world=1, device="cpu", lock=None):
     if rank != 0:
         return {}
     log.close()
-    runs.save_stage_output(args.out, model, processor, args.model, args.stage, family, lora)
+    runs.save_output(args.out, model, processor, args.model, args.stage, family, lora)
     return {"before": before, "after": report(model.eval(), processor, family) if report else {}}
 
 
@@ -338,6 +340,7 @@ def main(argv=None):
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over the "
                          f"{world} processes")
+    args.data_content = runs.data_content(args, source)  # --resume refuses other rows
     with runs.claimed(args) if rank == 0 else contextlib.nullcontext() as lock:
         result = train(args, source, rank, world, device, lock)
     if result.get("before"):

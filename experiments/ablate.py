@@ -28,7 +28,7 @@ import time
 import torch
 
 import eval as ev
-import runs
+import stages
 import toy.default
 import toy.benchmark
 import train
@@ -92,9 +92,9 @@ def score_model(path, result_path, device):
     """toy.benchmark.score of a finished model, kept in result_path (JSON) once computed."""
     if os.path.isfile(result_path):
         return json.load(open(result_path, encoding="utf-8"))
-    model, processor, family = runs.load_embedder(path, device)
+    model, processor, family = stages.load_embedder(path, device)
     scores = toy.benchmark.score(ev.make_encoder(model.eval(), processor, family, device=device))
-    runs.save_atomic(result_path, json.dumps({"model": path, "scores": scores}, indent=1))
+    stages.save_atomic(result_path, json.dumps({"model": path, "scores": scores}, indent=1))
     return {"model": path, "scores": scores}
 
 
@@ -120,7 +120,7 @@ def train_once(out, argv):
         after = train.main(argv + ["--out", out] + again)["after"]
         train_s = round(time.time() - t0, 1)
     record = {"argv": argv, "after": after, "train_s": train_s}
-    runs.save_atomic(record_path, json.dumps(record, indent=1))
+    stages.save_atomic(record_path, json.dumps(record, indent=1))
     return record
 
 
@@ -222,7 +222,7 @@ def main(argv=None):
              else "") + "; mean ± standard deviation over seeds, in %\n")
     print(means + "\n\n" + diffs + "\n\n* larger than the spread (the two standard deviations "
           f"added)\nwall time {wall / 60:.1f} min (runs reused from an earlier call count 0)")
-    runs.save_atomic(os.path.join(args.root, f"{args.table}.json"), json.dumps({
+    stages.save_atomic(os.path.join(args.root, f"{args.table}.json"), json.dumps({
         "table": args.table, "seeds": args.seeds, "budget": budget, "wall_s": round(wall, 1),
         "duplicates": DUPLICATES if args.table == "beta" else 0.0, "results": results},
         indent=1))

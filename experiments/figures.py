@@ -25,6 +25,7 @@ import eval as ev
 import model as M
 import runs
 from toy import shapes
+import stages
 import toy.default
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
@@ -40,7 +41,7 @@ def _colormap(x):
 def save_png(img, path):
     png = io.BytesIO()
     img.save(png, format="PNG")
-    runs.save_atomic(path, png.getvalue())
+    stages.save_atomic(path, png.getvalue())
 
 
 def heatmap_png(matrices, path, panel=300, margin=20, title_h=24):
@@ -153,7 +154,7 @@ def main(argv=None):
         print(f"\n{caption}")
         for path, t in tokens.items():
             print(f"  {path:>20}: " + ", ".join(f"{w} {100 * q:.1f}%" for w, q in t[i]))
-    runs.save_atomic(os.path.join(args.out, "next_tokens.json"),
+    stages.save_atomic(os.path.join(args.out, "next_tokens.json"),
                   json.dumps({"captions": captions[:4], "tokens": tokens}, indent=1))
     if args.logs:
         logs = {os.path.basename(os.path.dirname(os.path.abspath(f))):

@@ -16,8 +16,8 @@ from PIL import Image
 import export
 import families
 import model as M
-import runs
 from toy import shapes
+import stages
 import toy.default
 import train
 
@@ -55,7 +55,7 @@ def stage_run(tmp, stage, model, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory, pretrained_path):
+def outputs(tmp_path_factory, pretrained_path):
     """A stage-1 output of the pretrained toy, a stage-2 output on it, and a full fine-tune."""
     tmp = tmp_path_factory.mktemp("runs")
     s1 = stage_run(tmp, 1, pretrained_path, tmp / "s1", "--lora-dropout", "0.1")
@@ -64,7 +64,7 @@ def stages(tmp_path_factory, pretrained_path):
 
 
 def project_embeddings(path):
-    model, processor, family = runs.load_embedder(path)
+    model, processor, family = stages.load_embedder(path)
     model.eval()
     return torch.cat([M.encode(model, processor, family, texts=TEXTS),
                       M.encode(model, processor, family, images=colour_images())])
@@ -77,35 +77,35 @@ def card_code(out):
 
 
 def test_export_reloads_with_plain_transformers_and_gives_the_projects_embeddings(
-        stages, tmp_path, monkeypatch):
-    out = export.main([stages["s2"], str(tmp_path / "export")])
+        outputs, tmp_path, monkeypatch):
+    out = export.main([outputs["s2"], str(tmp_path / "export")])
     monkeypatch.chdir(tmp_path)
     colour_images()[0].save("circle.png")
     scope = {"FOLDER": out}
     code = card_code(out).replace("print(", "_ = (")  # the card's own snippet, run as is
     exec(code, scope)
-    _, processor, family = runs.load_embedder(stages["s2"])
-    ours = project_embeddings(stages["s2"])
+    _, processor, family = stages.load_embedder(outputs["s2"])
+    ours = project_embeddings(outputs["s2"])
     prompt = functools.partial(families.format_prompt, family, processor=processor)
     embed, text_prompt = scope["embed"], prompt(text="{text}")
     theirs = torch.cat([embed([text_prompt.replace("{text}", t) for t in TEXTS]),
                         embed([prompt(image=True)] * 2, colour_images())])
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     torch.testing.assert_close(scope["images"], ours[2:3], atol=1e-5, rtol=0)
-    assert not (ours[:2] - project_embeddings(runs.stage_init(stages["s2"],
-                runs.read_stage_meta(stages["s2"])))[:2]).abs().max() < 1e-3  # stage 2 did change it
+    assert not (ours[:2] - project_embeddings(stages.stage_init(outputs["s2"],
+                stages.read_stage_meta(outputs["s2"])))[:2]).abs().max() < 1e-3  # stage 2 did change it
 
 
 @pytest.mark.parametrize("stage", ["s1", "s2"])
-def test_peft_adapter_on_the_stage_start_gives_identical_outputs(stages, tmp_path, stage,
+def test_peft_adapter_on_the_stage_start_gives_identical_outputs(outputs, tmp_path, stage,
                                                                  pretrained_path):
     peft = pytest.importorskip("peft", reason="the PEFT check needs peft (test-only dependency)")
     from transformers import AutoModelForImageTextToText
-    out = export.main([stages[stage], str(tmp_path / "export")])
+    out = export.main([outputs[stage], str(tmp_path / "export")])
     config = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
-    unmerged, _, _ = runs.load_embedder(stages[stage], merge=False)
+    unmerged, _, _ = stages.load_embedder(outputs[stage], merge=False)
     layers = {n: m for n, m in unmerged.named_modules() if isinstance(m, M.LoRALinear)}
-    meta = runs.read_stage_meta(stages[stage])["lora"]
+    meta = stages.read_stage_meta(outputs[stage])["lora"]
     assert sorted(config["target_modules"]) == sorted(layers)
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == \
         (meta["r"], meta["alpha"], meta["dropout"])
@@ -113,7 +113,7 @@ def test_peft_adapter_on_the_stage_start_gives_identical_outputs(stages, tmp_pat
     assert os.path.isdir(os.path.join(out, "adapter-base")) == (stage == "s2")
     peft_model = peft.PeftModel.from_pretrained(
         AutoModelForImageTextToText.from_pretrained(base), os.path.join(out, "adapter")).eval()
-    _, processor, family = runs.load_embedder(stages[stage])
+    _, processor, family = stages.load_embedder(outputs[stage])
     for name, layer in layers.items():  # the very tensors, under PEFT's names
         loaded = peft_model.base_model.model.get_submodule(name)
         assert torch.equal(loaded.lora_B["default"].weight, layer.lora_B)
@@ -123,17 +123,17 @@ def test_peft_adapter_on_the_stage_start_gives_identical_outputs(stages, tmp_pat
             ours = M.embed(unmerged.eval(), batch)
             theirs = M.embed(peft_model.base_model.model, batch)
             assert torch.equal(theirs, ours)  # identical: the same layers, unmerged
-            merged = M.embed(runs.load_embedder(stages[stage])[0].eval(), batch)
+            merged = M.embed(stages.load_embedder(outputs[stage])[0].eval(), batch)
             torch.testing.assert_close(theirs, merged, atol=1e-5, rtol=0)
 
 
-def test_model_card_names_the_base_stages_prompts_and_pooling(stages, tmp_path, pretrained_path):
-    out = export.main([stages["s2"], str(tmp_path / "export")])
+def test_model_card_names_the_base_stages_prompts_and_pooling(outputs, tmp_path, pretrained_path):
+    out = export.main([outputs["s2"], str(tmp_path / "export")])
     card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
     assert f"from **{pretrained_path}**" in card
     assert "stage 1, textual" in card and "stage 2, hard-negative" in card
     assert "LoRA r=4" not in card and "LoRA r=32, alpha=64" in card  # the DEFAULTS of stage 1
-    _, processor, family = runs.load_embedder(stages["s2"])
+    _, processor, family = stages.load_embedder(outputs["s2"])
     assert repr(families.format_prompt(family, image=True, processor=processor)) in card
     assert "'<image> Represent the given image for classification.'" in card  # MMEB, raw
     assert "'USER: {text}\\nSummary above sentence in one word: ASSISTANT:'" in card
@@ -141,32 +141,32 @@ def test_model_card_names_the_base_stages_prompts_and_pooling(stages, tmp_path, 
     assert "it applies to `adapter-base/`" in card
 
 
-def test_a_full_fine_tune_exports_the_model_and_card_only(stages, tmp_path):
-    out = export.main([stages["full"], str(tmp_path / "export")])
+def test_a_full_fine_tune_exports_the_model_and_card_only(outputs, tmp_path):
+    out = export.main([outputs["full"], str(tmp_path / "export")])
     assert not os.path.exists(os.path.join(out, "adapter"))
     assert "No adapter" in open(os.path.join(out, "README.md")).read()
     from transformers import AutoModelForImageTextToText
     model = AutoModelForImageTextToText.from_pretrained(out)
-    reference = runs.load_embedder(stages["full"])[0]
+    reference = stages.load_embedder(outputs["full"])[0]
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
 
 
 def test_export_is_atomic_refuses_nonempty_folders_and_overwrites_only_an_export(
-        stages, tmp_path, monkeypatch):
+        outputs, tmp_path, monkeypatch):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     for extra in ([], ["--overwrite"]):
         with pytest.raises(SystemExit, match="not empty|not one"):
-            export.main([stages["s1"], str(mine), *extra])
+            export.main([outputs["s1"], str(mine), *extra])
     assert os.listdir(mine) == ["notes.txt"]
     with pytest.raises(SystemExit, match="not a finished stage output"):
         export.main([str(mine), str(tmp_path / "x")])
     out = tmp_path / "export"
-    export.main([stages["s1"], str(out)])
+    export.main([outputs["s1"], str(out)])
     with pytest.raises(SystemExit, match="pass --overwrite"):
-        export.main([stages["s1"], str(out)])
+        export.main([outputs["s1"], str(out)])
     mask = os.umask(0)
     os.umask(mask)
     for folder, _, files in os.walk(out):  # usual permissions, the folder included
@@ -179,26 +179,26 @@ def test_export_is_atomic_refuses_nonempty_folders_and_overwrites_only_an_export
         raise KeyboardInterrupt
     monkeypatch.setattr(export, "write_adapter", crash)
     with pytest.raises(KeyboardInterrupt):  # killed half-way: the earlier export is intact
-        export.main([stages["s1"], str(out), "--overwrite"])
+        export.main([outputs["s1"], str(out), "--overwrite"])
     assert os.stat(out / "model.safetensors").st_mtime_ns == first
     assert sorted(os.listdir(tmp_path)) == ["export", "mine"]  # no temporary folder left
     monkeypatch.undo()
-    export.main([stages["s1"], str(out), "--overwrite"])
+    export.main([outputs["s1"], str(out), "--overwrite"])
     assert os.stat(out / "model.safetensors").st_mtime_ns != first
     (out / "mine.txt").write_text("not the export's")
     with pytest.raises(SystemExit, match="holds files no export wrote"):
-        export.main([stages["s1"], str(out), "--overwrite"])
+        export.main([outputs["s1"], str(out), "--overwrite"])
 
 
-def test_every_file_of_a_run_and_an_evaluation_cache_has_the_usual_permissions(stages, tmp_path):
+def test_every_file_of_a_run_and_an_evaluation_cache_has_the_usual_permissions(outputs, tmp_path):
     import eval as ev
     mask = os.umask(0)
     os.umask(mask)
     cache = ev.EmbeddingCache("m", str(tmp_path / "cache"))
     cache.embed([("a", None, None)], lambda inputs: torch.ones(len(inputs), 2))
-    folders = [stages[k] for k in stages] + [str(tmp_path / "cache")]
+    folders = [outputs[k] for k in outputs] + [str(tmp_path / "cache")]
     files = [os.path.join(d, f) for top in folders for d, _, fs in os.walk(top) for f in fs]
-    files.append(os.path.join(os.path.dirname(stages["s1"]), "t.pt"))  # the teacher cache
+    files.append(os.path.join(os.path.dirname(outputs["s1"]), "t.pt"))  # the teacher cache
     assert len(files) > 12
     for path in files:
         assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, path  # not mkstemp's 0600
@@ -208,7 +208,7 @@ def test_every_file_of_a_run_and_an_evaluation_cache_has_the_usual_permissions(s
 
 def test_python_api_embeds_texts_images_and_pairs_with_and_without_instructions(
         pretrained_path, tmp_path):
-    model, processor, family = runs.load_embedder(pretrained_path)
+    model, processor, family = stages.load_embedder(pretrained_path)
     images = colour_images(2)
     images[0].save(tmp_path / "a.png")
     question = "<|image_1|> Represent the given image with the following question:"
@@ -229,16 +229,16 @@ def test_python_api_embeds_texts_images_and_pairs_with_and_without_instructions(
     assert len({tuple(v.round(decimals=4).tolist()) for v in e}) == 6  # six different inputs
 
 
-def test_a_bf16_export_is_half_the_size_and_embeds_alike(stages, tmp_path):
+def test_a_bf16_export_is_half_the_size_and_embeds_alike(outputs, tmp_path):
     from transformers import AutoModelForImageTextToText
-    full = export.main([stages["s1"], str(tmp_path / "fp32")])
-    half = export.main([stages["s1"], str(tmp_path / "bf16"), "--dtype", "bf16"])
+    full = export.main([outputs["s1"], str(tmp_path / "fp32")])
+    half = export.main([outputs["s1"], str(tmp_path / "bf16"), "--dtype", "bf16"])
     size = lambda out: os.path.getsize(os.path.join(out, "model.safetensors"))  # noqa: E731
     assert size(half) < 0.6 * size(full)
     model = AutoModelForImageTextToText.from_pretrained(half, dtype="auto")
     assert model.dtype == torch.bfloat16
-    _, processor, family = runs.load_embedder(half)
+    _, processor, family = stages.load_embedder(half)
     batch = M.process(processor, family, texts=TEXTS)
-    reference = M.embed(runs.load_embedder(stages["s1"])[0].eval(), batch)
+    reference = M.embed(stages.load_embedder(outputs["s1"])[0].eval(), batch)
     with torch.no_grad():
         torch.testing.assert_close(M.embed(model.eval(), batch), reference, atol=3e-2, rtol=0)

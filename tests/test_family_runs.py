@@ -21,7 +21,7 @@ from PIL import Image
 
 import eval as ev
 import model as M
-import runs
+import stages
 import train
 from test_families import SPECS, build, build_checkpoint
 from test_families import one_thread  # noqa: F401  (autouse: one torch thread here too)
@@ -85,7 +85,7 @@ def run_pipeline(model, root, tmp, flags=()):
                       str(root / "ImageNet-1K.jsonl"), str(root / "MSCOCO_t2i.jsonl"),
                       "--image-root", str(root), "--cache-dir", "", "--out",
                       str(tmp / "results.json"), *remote])
-    return [runs.read_stage_meta(tmp / s) for s in ("stage1", "stage2")], result
+    return [stages.read_stage_meta(tmp / s) for s in ("stage1", "stage2")], result
 
 
 @pytest.mark.slow
@@ -118,7 +118,7 @@ EVAL_SIDE = {"llava_next": 1344, "llava_onevision": 1344, "qwen2_vl": 1344, "qwe
 def mmeb_by_hand(path, root, family, trust_remote_code=False):
     """The MMEB scores from the model's own embeddings, one input at a time: each row's query
     against its own candidates, a hit when the first (gold) one scores highest."""
-    model, processor, _ = runs.load_embedder(path, trust_remote_code=trust_remote_code)
+    model, processor, _ = stages.load_embedder(path, trust_remote_code=trust_remote_code)
     side = EVAL_SIDE.get(family)
 
     @functools.cache  # candidates repeat across rows

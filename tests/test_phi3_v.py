@@ -23,8 +23,8 @@ import eval as ev
 import export
 import families
 import model as M
-import runs
 import tiny_phi3_v
+import stages
 import train
 from test_families import one_thread  # noqa: F401  (autouse: one torch thread here too)
 from test_family_runs import paper_data  # noqa: F401  (the data files, in the real formats)
@@ -232,7 +232,7 @@ def test_every_step_through_the_command_line(phi, paper_data, tmp_path):
 
     image = Image.open(paper_data / "red.png").convert("RGB")
     inputs = [(None, image, ROW), ("a red cat", None, "Find me an everyday image:")]
-    model, processor, family = runs.load_embedder(run, trust_remote_code=True)
+    model, processor, family = stages.load_embedder(run, trust_remote_code=True)
     ours = M.embed_inputs(model.eval(), processor, family, inputs)
     rows = [(ROW, image), ("Find me an everyday image: a red cat", None)]
     plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()

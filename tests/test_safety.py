@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import time
+import stages
 import zlib
 from argparse import Namespace
 
@@ -170,7 +171,7 @@ def test_bad_data_stops_train_and_eval_in_one_line_before_any_model_loads(tmp_pa
     truncated_jpeg(tmp_path / "cut.jpg")
     write_jsonl(tmp_path / "t.jsonl", [{"qry": "q", "qry_image_path": "cut.jpg",
                                         "pos_text": "x", "pos_image_path": ""}])
-    monkeypatch.setattr(runs, "load_embedder", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(stages, "load_embedder", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(SystemExit, match=r"^error: .*t.jsonl, row 1: image .*cut.jpg cannot "
                                          r"be decoded"):
         train.main(["--stage", "2", "--model", "m", "--data", str(tmp_path / "t.jsonl"),
@@ -214,7 +215,7 @@ def stage1(shared, model, out, *extra):
 
 
 def test_bad_arguments_fail_fast_naming_the_flag(shared, tiny_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(runs, "load_embedder", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(stages, "load_embedder", lambda *a, **k: pytest.fail("model loaded"))
     for extra, words in ((["--chunk-size", "0"], "--chunk-size must be at least 1, got 0"),
                          (["--chunk-size", "-3"], "--chunk-size must be at least 1, got -3"),
                          (["--batch-size", "0"], r"--batch-size must be at least 2 .*, got 0"),
@@ -260,10 +261,11 @@ def test_out_is_never_deleted_and_another_runs_output_is_refused(shared, tiny_pa
         stage1(shared, tiny_path, run)
     with pytest.raises(SystemExit, match="is the model this run starts from"):
         stage1(shared, run, run, "--overwrite")
-    first = runs.read_stage_meta(run)["id"]
+    first = stages.read_stage_meta(run)["id"]
     stage1(shared, tiny_path, run, "--overwrite")
-    assert runs.read_stage_meta(run)["id"] != first
-    assert sorted(os.listdir(run)) == ["adapter.pt", "checkpoint.pt", "log.jsonl", "unime.json"]
+    assert stages.read_stage_meta(run)["id"] != first
+    assert sorted(os.listdir(run)) == ["adapter.pt", "checkpoint.pt", "log.jsonl",
+                                       "run-files.json", "unime.json"]
     for name in os.listdir(run):  # readable by others, as files normally are
         assert normal_permissions(run / name), name
 
@@ -298,7 +300,7 @@ def test_nonfinite_loss_stops_and_the_last_checkpoint_stays_good(shared, tiny_pa
     with pytest.raises(SystemExit, match="not finite; this step was not applied") as e:
         stage1(shared, tiny_path, out, "--lr", "1e6", "--max-steps", "4", "--save-every",
                "1", "--warmup", "1")
-    assert runs.read_stage_meta(out) is None  # not marked finished
+    assert stages.read_stage_meta(out) is None  # not marked finished
     failed = int(re.match(r"step (\d+): ", str(e.value)).group(1))
     logged = [json.loads(line)["step"] for line in open(out / "log.jsonl")]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -340,15 +342,15 @@ def test_a_stage_output_refuses_a_base_that_changed_and_an_unfinished_run(shared
     base = tmp_path / "base"
     shutil.copytree(tiny_path, base)
     stage1(shared, base, tmp_path / "s1")
-    runs.load_embedder(str(tmp_path / "s1"))  # fine while the base is what it trained on
+    stages.load_embedder(str(tmp_path / "s1"))  # fine while the base is what it trained on
     config = json.loads((base / "config.json").read_text())
     config["text_config"]["rms_norm_eps"] = 1e-5  # "retrained": another model now
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(SystemExit, match="has changed since"):
-        runs.load_embedder(str(tmp_path / "s1"))
+        stages.load_embedder(str(tmp_path / "s1"))
     os.remove(tmp_path / "s1" / "unime.json")  # as if killed before the end
     with pytest.raises(SystemExit, match="unfinished training run"):
-        runs.load_embedder(str(tmp_path / "s1"))
+        stages.load_embedder(str(tmp_path / "s1"))
 
 
 def test_a_full_fine_tune_over_a_lora_output_loads_as_itself(shared, tiny_path, tmp_path):
@@ -356,7 +358,7 @@ def test_a_full_fine_tune_over_a_lora_output_loads_as_itself(shared, tiny_path, 
     stage1(shared, tiny_path, run)  # a LoRA output: adapter.pt
     stage1(shared, tiny_path, run, "--overwrite", "--lora-r", "0")  # the whole model
     assert "adapter.pt" in os.listdir(run)  # the older run's file stays (nothing is deleted)
-    loaded = dict(runs.load_embedder(str(run))[0].named_parameters())  # but unime.json decides
+    loaded = dict(stages.load_embedder(str(run))[0].named_parameters())  # but unime.json decides
     final = torch.load(run / "checkpoint.pt", weights_only=True)["trainable"]  # every weight
     assert final and all(torch.equal(loaded[k], v) for k, v in final.items())
     for name in os.listdir(run):  # the exported model files too
@@ -371,8 +373,8 @@ def test_remote_code_only_from_the_command_line(shared, tiny_path, tmp_path, mon
     real = M.load_mllm
     monkeypatch.setattr(M, "load_mllm", lambda path, dtype, device, trust, *rest:
                         asked.append(trust) or real(path, dtype, device, trust, *rest))
-    runs.load_embedder(str(tmp_path / "s1"))
-    runs.load_embedder(str(tmp_path / "s1"), trust_remote_code=True)
+    stages.load_embedder(str(tmp_path / "s1"))
+    stages.load_embedder(str(tmp_path / "s1"), trust_remote_code=True)
     assert asked == [False, True]
 
 
@@ -414,20 +416,20 @@ def failing_save(after_bytes, error):
 def test_a_crash_inside_save_atomic_keeps_the_old_file_and_leaves_no_temp(tmp_path,
                                                                         monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    runs.save_atomic(str(path), {"step": 1})
+    stages.save_atomic(str(path), {"step": 1})
     monkeypatch.setattr(torch, "save", failing_save(100, Killed()))
     with pytest.raises(Killed):
-        runs.save_atomic(str(path), {"step": 2, "big": torch.zeros(1000)})
+        stages.save_atomic(str(path), {"step": 2, "big": torch.zeros(1000)})
     monkeypatch.setattr(torch, "save", failing_save(100, OSError(errno.ENOSPC,
                                                                  "No space left on device")))
     with pytest.raises(SystemExit, match=r"cannot write .*checkpoint.pt: No space left on "
                                          r"device \(\d+ MiB free there\); the file there "
                                          r"before \(if any\) is unchanged"):
-        runs.save_atomic(str(path), {"step": 2, "big": torch.zeros(1000)})
+        stages.save_atomic(str(path), {"step": 2, "big": torch.zeros(1000)})
     assert torch.load(path, weights_only=True) == {"step": 1}
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
     with pytest.raises(SystemExit, match=r"cannot write .*unime.json: I/O"):
-        runs.save_atomic(str(tmp_path / "unime.json"), "{}")
+        stages.save_atomic(str(tmp_path / "unime.json"), "{}")
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file, no torn file
 
 
@@ -444,22 +446,22 @@ def test_a_folder_through_save_atomic_appears_whole_or_not_at_all(tmp_path):
                     raise Killed()
         return write
     with pytest.raises(Killed):
-        runs.save_atomic(str(tmp_path / "model"), writer({"a.json": "1", "b.json": "2"}, True))
+        stages.save_atomic(str(tmp_path / "model"), writer({"a.json": "1", "b.json": "2"}, True))
     assert os.listdir(tmp_path) == []
-    runs.save_atomic(str(tmp_path / "model"), writer({"a.json": "1", "b.json": "2"}))
+    stages.save_atomic(str(tmp_path / "model"), writer({"a.json": "1", "b.json": "2"}))
     assert sorted(os.listdir(tmp_path)) == ["model"]
     run = tmp_path / "run"
     run.mkdir()
-    (run / "log.jsonl").write_text("kept")
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n')  # a run's, by content
     (run / "a.json").write_text("old")
-    runs.save_atomic(str(run), writer({"a.json": "new", "c.json": "3"}))
+    stages.save_atomic(str(run), writer({"a.json": "new", "c.json": "3"}))
     assert {f: (run / f).read_text() for f in os.listdir(run)} == {
-        "log.jsonl": "kept", "a.json": "new", "c.json": "3"}
+        "log.jsonl": '{"step": 1, "loss": 0.5}\n', "a.json": "new", "c.json": "3"}
     assert oct((run / "c.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     (run / ".tmp-killed").mkdir()  # a writer killed inside a run's folder
     (run / ".tmp-killed" / "model.safetensors").write_text("torn")
     runs.release(runs.claim(Namespace(out=str(run), model=None, resume=False, overwrite=True)))
-    assert sorted(os.listdir(run)) == ["a.json", "c.json", "log.jsonl"]
+    assert sorted(os.listdir(run)) == ["a.json", "c.json", "log.jsonl", "run-files.json"]
 
 
 def test_a_full_disk_mid_run_names_the_file_and_the_run_resumes_exactly(shared, tiny_path,
@@ -477,7 +479,7 @@ def test_a_full_disk_mid_run_names_the_file_and_the_run_resumes_exactly(shared, 
     with pytest.raises(SystemExit, match=r"cannot write .*run/checkpoint.pt: No space left"):
         stage1(shared, tiny_path, run, "--max-steps", "3", "--save-every", "1")
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 1
-    assert sorted(os.listdir(run)) == ["checkpoint.pt", "log.jsonl"]  # no temp, no lock
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "log.jsonl", "run-files.json"]  # no lock
     monkeypatch.setattr(torch, "save", REAL_SAVE)  # space again
     stage1(shared, tiny_path, run, "--max-steps", "3", "--save-every", "1", "--resume")
     a, b = (torch.load(d / "adapter.pt", weights_only=True) for d in (run, tmp_path / "straight"))
@@ -495,10 +497,10 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_write_its_output(shar
     for name in ("unime.json", "adapter.pt"):  # as if killed right after the checkpoint
         os.remove(run / name)
     with pytest.raises(SystemExit, match="unfinished training run"):
-        runs.load_embedder(str(run))
+        stages.load_embedder(str(run))
     stage1(shared, tiny_path, run, "--resume")
     again = torch.load(run / "adapter.pt", weights_only=True)
-    assert runs.read_stage_meta(run) and all(torch.equal(final[k], again[k]) for k in final)
+    assert stages.read_stage_meta(run) and all(torch.equal(final[k], again[k]) for k in final)
 
 
 def test_teacher_cache_survives_a_crash_and_a_full_disk_and_a_bad_one_is_refused_early(
@@ -513,7 +515,7 @@ def test_teacher_cache_survives_a_crash_and_a_full_disk_and_a_bad_one_is_refused
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
     cache.write_bytes(b"not a cache")
-    monkeypatch.setattr(runs, "load_embedder", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(stages, "load_embedder", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(SystemExit, match=r"teacher all-MiniLM-L6-v2: .*t\.pt: not a teacher "
                                          r"cache of this code .*delete it to recompute"):
         train.main(["--stage", "1", "--model", tiny_path, "--data", shared["nli"], "--out",

@@ -26,8 +26,8 @@ from tools import bench_step
 import distill
 import families
 import model as M
-import runs
 from toy import shapes
+import stages
 import toy.default
 import train
 
@@ -75,7 +75,7 @@ def mb(nbytes):
 def gradcache_setup(path, lora, n, chunk):
     """A model (LoRA r16, or every weight trainable) and n stage-1 pairs -> (model, chunks,
     grads(step): a step's flat gradients from zero, plain step, GradCache step)."""
-    model, processor, family = runs.load_embedder(path)
+    model, processor, family = stages.load_embedder(path)
     if lora:
         M.inject_lora(model, families.lora_targets(model, family), r=16, alpha=32, dropout=0.0)
     else:
@@ -258,7 +258,7 @@ def main(argv=None):
     r["machine"].update(load_after=os.getloadavg(), seconds=time.time() - t0)
     print("\nfigure | measured | ideal / note\n---|---|---")
     print("\n".join(" | ".join(row) for row in table))
-    runs.save_atomic(a.out, json.dumps(r, indent=1))
+    stages.save_atomic(a.out, json.dumps(r, indent=1))
     return r
 
 

@@ -31,8 +31,8 @@ import distill
 import families
 import hardneg
 import model as M
-import runs
 from toy import shapes
+import stages
 import toy.default
 import train
 
@@ -78,7 +78,7 @@ def build_llava(path, vision, text, image_size, patch, layers=1):
                                 pad_token_id=tok.pad_token_id),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_seq_length=(image_size // patch) ** 2, vision_feature_layer=-1))
-    runs.save_pretrained(path, model, LlavaProcessor(
+    stages.save_pretrained(path, model, LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={
             "height": image_size, "width": image_size}), tokenizer=tok, patch_size=patch,
         num_additional_image_tokens=1, vision_feature_select_strategy="default"))
@@ -143,7 +143,7 @@ def run_steps(args, source, model, processor, family, workers, steps, clock=None
 def throughput(name, args, source, steps, rounds, workers=(0, 1, 2)):
     """Samples/s and tokens/s of a stage, where a step's time goes (workers=0), and step time
     and loader wait with 0, 1, 2 workers preparing the next steps, in alternating rounds."""
-    model, processor, family = runs.load_embedder(args.model)
+    model, processor, family = stages.load_embedder(args.model)
     train.add_trainable(model, family, args)
     clock, timings = {}, {w: [] for w in workers}
     with mock.patch.object(data, "load_image", timed(clock, "decode", data.load_image)), \

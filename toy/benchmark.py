@@ -10,21 +10,23 @@ import random
 import torch
 
 import eval as ev
-import runs
+import model as M
+import stages
 from toy import shapes
 from toy.default import SPLIT_SEED, TASKS, stage2_row, text_pairs
 
 
 
-def score(embed, n=200, n_candidates=50):
+def score(embed, n=200, n_candidates=50, model="the model"):
     """The toy's held-out scenes (never trained on), scored like the paper's benchmarks with
     eval.py's metrics, in percent: MMEB-style hit@1 (mean of four sets: classification, VQA,
     text->image and image->text retrieval, `n_candidates` candidates each, gold first),
     Recall@1 both ways among n scenes (and among n scenes with unseen colour-shape
     combinations), compositional accuracy (mean of five SugarCrepe-style splits) and
-    text->text Recall@1 (a caption finds its paraphrase). embed: [(text, image, instruction)]
-    -> (m, d) L2-normalized."""
-    embed = _dedup(embed)
+    text->text Recall@1 (a caption finds its paraphrase); a tie is a miss. embed: [(text,
+    image, instruction)] -> (m, d) L2-normalized; NaN or inf stops the benchmark, naming
+    `model`."""
+    embed = _dedup(embed, model)
     splits, rng = shapes.split_scenes(SPLIT_SEED), random.Random(SPLIT_SEED + 1)
     scenes = {s: splits[s][:n] for s in ("test", "ood")}
     images = {s: [shapes.draw(scene, rng) for scene in scenes[s]] for s in scenes}
@@ -71,13 +73,13 @@ def score(embed, n=200, n_candidates=50):
     return out
 
 
-def _dedup(embed):
+def _dedup(embed, model):
     """Embed each distinct input once (images are compared by identity): candidates repeat."""
     def embed_unique(inputs):
         keys = [(t, id(im), ins) for t, im, ins in inputs]
         order = {k: x for k, x in zip(keys, inputs)}
         index = {k: i for i, k in enumerate(order)}
-        vectors = embed(list(order.values()))
+        vectors = M.require_finite(embed(list(order.values())), model)
         return vectors[torch.tensor([index[k] for k in keys])]
     return embed_unique
 
@@ -92,14 +94,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     results = {}
     for path in args.models:
-        model, processor, family = runs.load_embedder(path, args.device)
+        model, processor, family = stages.load_embedder(path, args.device)
         results[path] = score(ev.make_encoder(model.eval(), processor, family,
-                                                  device=args.device))
+                                              device=args.device), model=path)
     columns = list(next(iter(results.values())))
     print(ev.markdown_table(["model"] + columns,
                             [(path, *r.values()) for path, r in results.items()]))
     if args.out:
-        runs.save_atomic(args.out, json.dumps(results, indent=1))
+        stages.save_atomic(args.out, json.dumps(results, indent=1))
     return results
 
 

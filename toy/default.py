@@ -13,7 +13,7 @@ import os
 import random
 
 import families
-import runs
+import stages
 from toy import shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -112,7 +112,7 @@ def settings(stage, init=None):
         return SETTINGS[stage]
     if init == "base":
         return {**SETTINGS[2], "model": PRETRAINED, "out": "runs/stage2-base"}
-    meta = runs.read_stage_meta(init)
+    meta = stages.read_stage_meta(init)
     if meta is None or meta["stage"] != 1:
         raise SystemExit(f"--init {init}: not a finished stage-1 output (its unime.json is "
                          f"missing or says another stage)")
@@ -129,7 +129,7 @@ def source(args):
                 "heldout": text_pairs(splits["test"], args.eval_pairs, SPLIT_SEED + 1),
                 "report": None, "first": None}
     scenes = splits["train"]
-    first = args.model == SETTINGS[2]["model"] and runs.read_stage_meta(args.model) is None
+    first = args.model == SETTINGS[2]["model"] and stages.read_stage_meta(args.model) is None
     return {"n_rows": len(TASKS) * len(scenes), "heldout": [],
             "rows": functools.partial(stage2_rows, scenes, seed=args.seed + 7,
                                       train_scenes=set(scenes),

@@ -20,8 +20,8 @@ import torch
 import eval as ev
 import families
 import model as M
-import runs
 from toy import shapes
+import stages
 import toy.default
 import toy.benchmark
 import train
@@ -78,7 +78,7 @@ def build_tiny_mllm(path, corpus, seed=0, **overrides):
                                               crop_size=size),
         tokenizer=tokenizer, patch_size=c["patch_size"], vision_feature_select_strategy="default",
         num_additional_image_tokens=1)
-    runs.save_pretrained(path, model, processor)
+    stages.save_pretrained(path, model, processor)
     return path
 
 
@@ -171,7 +171,7 @@ def pretrain(out, steps=1500, batch_size=60, lr=3e-3, warmup=50, seed=0, base=No
             eta = (time.time() - t0) / (step + 1) * (steps - step - 1)
             print(f"step {step + 1}/{steps} loss {loss.item():.4f} ETA {eta:.0f}s", flush=True)
     after = toy.benchmark.score(ev.make_encoder(model.eval(), processor, "llava"))
-    runs.save_pretrained(out, model, processor)
+    stages.save_pretrained(out, model, processor)
     print(ev.markdown_table(["zero-shot, held-out scenes", "before", "after"],
                             [(k, before[k], after[k]) for k in before]))
     return before, after

@@ -1,0 +1,250 @@
+"""What a stage leaves behind, and how it comes back: the one atomic writer every file goes
+through; a stage output (its adapter, then `unime.json`, which marks it complete and names the
+model the stage started from), the chain of outputs (stage 2 -> stage 1 -> base) that
+`stage_chain` walks and `load_embedder` loads as one model; and models known by the content of
+their files, so a changed or copied-and-edited model is never taken for another.
+"""
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+
+import torch
+
+import model as M
+
+
+# ---------------------------------------------------------------- the one atomic writer
+
+def save_atomic(path, obj):
+    """Write `obj` (text, bytes, anything torch.save takes, or a function that fills the empty
+    folder it is given) under a temporary name with the usual permissions, then rename it onto
+    `path`: a crash never leaves a torn file where a good one was expected. A folder replaces an
+    absent or empty `path` in one rename; into a folder holding other files (a run's) each entry
+    is renamed. A failed write (a full disk) stops naming `path`, which is left as it was."""
+    into = callable(obj) and os.path.isdir(path) and os.listdir(path)
+    parent = path if into else os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        if callable(obj):
+            tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+            obj(tmp)
+        else:
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+            data = obj.encode() if isinstance(obj, str) else obj
+            with os.fdopen(fd, "wb") as f:
+                f.write(data) if isinstance(data, bytes) else torch.save(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        for folder, _, names in os.walk(tmp):  # a folder: it and all it holds
+            os.chmod(folder, 0o777 & ~umask)
+            for name in names:
+                os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+        os.chmod(tmp, (0o777 if callable(obj) else 0o666) & ~umask)
+        for name in os.listdir(tmp) if into else []:
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        os.rmdir(tmp) if into else os.replace(tmp, path)
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):  # our own temporary file or folder, nothing else
+            shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as either
+            disk = os.statvfs(parent) if os.path.isdir(parent) else None
+            free = disk.f_bavail * disk.f_frsize / 2**20 if disk else 0
+            raise SystemExit(f"cannot write {path}: {getattr(e, 'strerror', None) or e} "
+                             f"({free:.0f} MiB free there); the file there before (if any) "
+                             f"is unchanged") from e
+        raise
+    return path
+
+
+def save_pretrained(out, model, processor, before_rename=None):
+    """model's and processor's save_pretrained through save_atomic; nothing else in `out`.
+    before_rename gets the names written, before any is in place (a run records them)."""
+    def fill(folder):
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        if before_rename:
+            before_rename(os.listdir(folder))
+    return save_atomic(out, fill)
+
+
+# ---------------------------------------------------------------- stage outputs and their chain
+
+def read_stage_meta(path):
+    """The `unime.json` of a finished stage output, else None. It is written last, so its
+    presence marks the output complete."""
+    meta_path = os.path.join(str(path), "unime.json")
+    if not os.path.isfile(meta_path):
+        return None
+    with open(meta_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def stage_init(path, meta):
+    """The model a stage output started from, as its `unime.json` names it."""
+    return os.path.normpath(os.path.join(str(path), meta["init"])) if meta["init_is_local"] \
+        else meta["init"]
+
+
+def stage_chain(path):
+    """The one walker of the chain: [(folder, unime.json)] from this stage output back to the
+    first one, and the model the first one started from (an HF id or a model folder)."""
+    chain, path = [], str(path)
+    meta = read_stage_meta(path)
+    while meta is not None:
+        chain.append((path, meta))
+        path = stage_init(path, meta)
+        meta = read_stage_meta(path)
+    return chain, path
+
+
+def save_stage_output(out, model, processor, init, stage, family, lora, before_rename=None):
+    """What a later stage or eval.py loads: the adapter (or, with lora=None, the whole model),
+    then `unime.json`: what it started from, that model's identity, the LoRA shape and the
+    layers it wraps (so loading rebuilds the same adapter whatever families.py says then)."""
+    if lora:
+        save_atomic(os.path.join(out, "adapter.pt"), M.lora_state_dict(model))
+    else:  # full fine-tuning: the folder is the model
+        save_pretrained(out, model, processor, before_rename)
+    local = os.path.exists(init)
+    meta = {"stage": stage, "family": family, "lora": lora, "id": uuid.uuid4().hex,
+            "init": os.path.relpath(init, out) if local else init, "init_is_local": local,
+            "init_identity": model_identity(init)}
+    save_atomic(os.path.join(out, "unime.json"), json.dumps(meta, indent=1))
+
+
+def lora_base(path):
+    """(the stages whose adapters go on top, newest first; the model they go on: a full
+    fine-tune's stage output, or the model the chain starts from)."""
+    chain, root = stage_chain(path)
+    full = next((i for i, (_, meta) in enumerate(chain) if not meta["lora"]), len(chain))
+    return chain[:full], chain[full][0] if full < len(chain) else root
+
+
+def require_model(path, trust_remote_code=False):
+    """Fail in one line, before any long work, when the model at `path` (for a LoRA stage
+    output: the model its chain starts from) cannot be found: reads its config only."""
+    from transformers import AutoConfig
+    path = lora_base(path)[1]
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(M.missing_model(path, e)) from None
+
+
+def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_code=False,
+                  family=None, merge=True, load_in_4bit=False):
+    """(model, processor, family) for an HF id, a model folder, or a stage output of train.py:
+    the model its chain starts from, each stage's start checked to be the model its adapter was
+    trained on, the adapters merged in order. Remote code runs only when the caller passes
+    trust_remote_code, never because a file says so. merge=False leaves the last adapter as
+    LoRALinear layers (export.py); load_in_4bit: a plain model's weights in 4 bits (load_mllm)."""
+    top, (adapters, base) = read_stage_meta(path_or_id), lora_base(path_or_id)
+    if top and load_in_4bit:
+        raise ValueError(f"{path_or_id} is a stage output: only a plain model loads in 4 bits")
+    if not top and os.path.isfile(os.path.join(str(base), "checkpoint.pt")):
+        raise SystemExit(f"{base} is an unfinished training run (a checkpoint but no "
+                         f"unime.json): finish it with train.py --resume --out {base}")
+    for folder, meta in adapters:
+        init = stage_init(folder, meta)
+        require_same_model(init, meta["init_identity"], f"{folder}: its adapter was trained on "
+                           f"{init}")
+    family = family or (top and top["family"])
+    model, processor, family = M.load_mllm(base, dtype, device, trust_remote_code, family,
+                                           load_in_4bit)
+    for i, (folder, meta) in enumerate(reversed(adapters)):  # the oldest adapter first
+        M.inject_lora(model, **meta["lora"])
+        M.load_lora(model, torch.load(os.path.join(folder, "adapter.pt"), map_location="cpu",
+                                      weights_only=True))
+        if merge or i < len(adapters) - 1:
+            M.merge_lora(model)
+        model = model.to(device)
+    return model, processor, family
+
+
+# ---------------------------------------------------------------- models known by content
+
+HASH_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                          "unime", "file-hashes.json")  # {file's stat stamp: sha256}
+STATE_FILES = ("checkpoint.pt", "log.jsonl", "run-files.json")  # a run's state, beside its model
+_digests = {}
+
+
+def _stamp(path):
+    """What any write to a file changes: a rename (new inode), the size, the mtime, and the
+    ctime (which even a write that restores size and mtime, or `touch -r`, moves on)."""
+    s = os.stat(path)
+    return f"{os.path.realpath(path)} {s.st_ino} {s.st_size} {s.st_mtime_ns} {s.st_ctime_ns}"
+
+
+def _read_digests():
+    try:
+        with open(HASH_CACHE, encoding="utf-8") as f:
+            return {k: v for k, v in json.load(f).items() if isinstance(v, str)}
+    except (OSError, ValueError, AttributeError):  # none yet, or damaged: hashed again
+        return {}
+
+
+def file_digest(path):
+    """sha256 of a file's bytes, remembered by its stamp in HASH_CACHE (the user's cache
+    folder), so an unchanged 15 GB model is read once, not on every call."""
+    key = _stamp(path)
+    if key not in _digests:
+        _digests.update(_read_digests())
+    if key not in _digests:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if _stamp(path) != key:
+            raise SystemExit(f"{path} changed while it was being hashed (is a run writing "
+                             f"it?); try again once it is finished")
+        _digests[key] = digest
+        alive = {}
+        for k, v in {**_read_digests(), **_digests}.items():  # other processes' entries too,
+            try:  # those of files since changed or removed dropped
+                alive.update({k: v} if _stamp(k.rsplit(" ", 4)[0]) == k else {})
+            except OSError:
+                pass
+        try:
+            save_atomic(HASH_CACHE, json.dumps(alive))
+        except SystemExit:  # a read-only home: the next call hashes again, nothing worse
+            pass
+    return _digests[key]
+
+
+def model_identity(path):
+    """What a model is, by content: "sha256:" over its files' sha256. A LoRA stage output: its
+    adapter.pt and unime.json, and the identity of the model it started from (the whole
+    chain); any other folder: its files, hidden ones and a run's state aside; a hub id: its
+    downloaded snapshot ("hub:<id>" before the download)."""
+    path = str(path)
+    if not os.path.isdir(path):  # a hub id: its downloaded snapshot (never a download)
+        try:
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(path, local_files_only=True)
+        except Exception:  # not downloaded yet, or not a hub id
+            return f"hub:{path}"
+    meta, h = read_stage_meta(path), hashlib.sha256()
+    if meta and meta["lora"]:
+        names = ["adapter.pt", "unime.json"]
+        h.update(model_identity(stage_init(path, meta)).encode())
+    else:
+        names = sorted(f.name for f in os.scandir(path) if f.is_file() and not
+                       f.name.startswith(".") and not (meta and f.name in STATE_FILES))
+    for name in names:
+        h.update(f"{name} {file_digest(os.path.join(path, name))}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def require_same_model(path, recorded, what):
+    """Stop unless the model at `path` is still the one recorded; `what` names the user. An
+    identity recorded before content hashing cannot be compared: a warning says so."""
+    if not str(recorded).startswith(("sha256:", "hub:")):
+        print(f"warning: {what}, recorded by an older version ({recorded}): not checked")
+    elif model_identity(path) != recorded:
+        raise SystemExit(f"{what} as it was then ({recorded}); that model has changed since "
+                         f"({model_identity(path)}). Retrain this stage from it.")
