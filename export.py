@@ -9,7 +9,9 @@ OUT_DIR gets
   `adapter_model.safetensors`), for `peft.PeftModel.from_pretrained` on the model that stage
   started from; when that start is itself a stage output (stage 2 on stage 1), it is written
   too, as `adapter-base/`. A full fine-tune (--lora-r 0) has no adapter;
-- `README.md`, the model card: base, stages, prompts, and the pooling in plain transformers.
+- `README.md`, the model card: base, stages, prompts, and the pooling in plain transformers;
+- a sentence-transformers model's files (`modules.json` ...): `SentenceTransformer(OUT_DIR)`
+  embeds as the project does, with no code of it (`write_sentence_transformers`).
 The export is built in a temporary folder beside OUT_DIR and renamed into place when complete.
 """
 import argparse
@@ -157,23 +159,21 @@ ST_MODULES = [("", "sentence_transformers.base.modules.transformer.Transformer")
 # raw format, its <|image_N|> tags swapped for the family's image placeholder RAW.
 ST_TEMPLATE = (
     "{%- set ns = namespace(text=none, images=0, prompt=none, body='') -%}"
-    "{%- for m in messages -%}{%- for c in ([{'type': 'text', 'text': m.content}] "
-    "if m.content is string else m.content) -%}"
-    "{%- if c.type == 'image' -%}{%- set ns.images = ns.images + 1 -%}"
+    "{%- for m in messages -%}{%- for c in ([{'type': 'text', 'text': m.content}] if m.content "
+    "is string else m.content) -%}{%- if c.type == 'image' -%}{%- set ns.images = ns.images + 1"
+    " -%}"
     "{%- elif c.type != 'text' or [ns.text, ns.prompt][m.role == 'system'] is not none -%}"
     "{{- raise_exception('UniME embeds one text, one image, or both, under one prompt') -}}"
     "{%- elif m.role == 'system' -%}{%- set ns.prompt = c.text -%}"
     "{%- else -%}{%- set ns.text = c.text -%}{%- endif -%}{%- endfor -%}{%- endfor -%}"
-    "{%- set image = ns.images == 1 -%}"
-    "{%- if ns.images > 1 or (ns.text is none and not image) -%}"
+    "{%- set image = ns.images == 1 -%}{%- if ns.images > 1 or (ns.text is none and not image) -%}"
     "{{- raise_exception('UniME embeds one text, one image, or both') -}}{%- endif -%}"
     "{%- if ns.prompt is none or ns.prompt in [TEXT, IMAGE] -%}"
     "{%- if ns.text is not none and not ns.text.strip() -%}"
     "{{- raise_exception('empty text: every input needs some content to embed') -}}{%- endif -%}"
     "{%- set words = ns.prompt or (TEXT if ns.text is not none else IMAGE) -%}"
     "{{- [T_PRE, I_PRE][image] ~ (ns.text ~ '\\n' if ns.text is not none else '') ~ words"
-    " ~ [T_POST, I_POST][image] -}}"
-    "{%- else -%}"
+    " ~ [T_POST, I_POST][image] -}}{%- else -%}"
     "{%- set parts = (ns.prompt ~ (' ' ~ ns.text if ns.text is not none else ''))"
     ".split('<|image_') -%}"
     "{%- set ns.body = parts[0] -%}{%- for p in parts[1:] -%}{%- set end = p.find('|>') -%}"
@@ -187,22 +187,25 @@ ST_TEMPLATE = (
 
 def sentence_transformers_template(family, processor):
     """ST_TEMPLATE with this family's strings in it, checked against families.format_prompt."""
-    text, tag = "\x1eTEXT\x1e", families.FAMILIES[family]["raw"]
-    words = f"{text}\n{families.TEXT_INSTRUCTION}"
-    parts = {f"{k}_{side}": piece for k, image in (("T", False), ("I", True))
-             for side, piece in zip(("PRE", "POST"), families.format_prompt(
-                 family, text=text, image=image, processor=processor).split(words))}
-    parts.update(TEXT=families.TEXT_INSTRUCTION, IMAGE=families.IMAGE_INSTRUCTION, RAW=tag)
+    text, parts = "UNIME-TEXT-7f3a", {}
+    for k, image in (("T", False), ("I", True)):
+        prompt = families.format_prompt(family, text=text, image=image, processor=processor)
+        pieces = prompt.split(f"{text}\n{families.TEXT_INSTRUCTION}")
+        if len(pieces) != 2:
+            raise ValueError(f"its chat template changes the text it is given: {prompt!r}")
+        parts.update({f"{k}_PRE": pieces[0], f"{k}_POST": pieces[1]})
+    parts.update(TEXT=families.TEXT_INSTRUCTION, IMAGE=families.IMAGE_INSTRUCTION,
+                 RAW=families.FAMILIES[family]["raw"])
     template = ST_TEMPLATE.replace("{{- MMEB -}}", "{{- ns.body -}}" if family != "llava_onevision"
                                    else "{{- [T_PRE, I_PRE][image] ~ ns.body.replace(RAW ~ '\\n',"
                                    " '').replace(RAW, '').strip() ~ [T_POST, I_POST][image] -}}")
     template = re.sub(r"\b(?:[TI]_PRE|[TI]_POST|TEXT|IMAGE|RAW)\b", lambda name: json.dumps(
         parts[name.group()], ensure_ascii=False), template)  # one pass: "<IMG_CONTEXT>" stays
     task = "Represent the given image with the following question:"
-    for text, image, prompt in [(" a red\ncat ", False, None), (None, True, None),
-                                ("two dogs", True, None), ("a cat", False, "Find the caption:"),
-                                ("what is it?", True, f"<|image_12|> {task}"), (None, True, task)]:
-        content = [{"type": "image"}] * image + [{"type": "text", "text": text}] * (text is not None)
+    for text, image, prompt in [(" a red\ncat ", 0, None), (None, 1, None), ("two dogs", 1, None),
+                                ("a cat", 0, "Find it:"), ("what?", 1, f"<|image_12|> {task}"),
+                                (None, 1, task)]:
+        content = [{"type": "image"}] * image + [{"type": "text", "text": text}] * bool(text)
         chat = [{"role": "system", "content": [{"type": "text", "text": prompt}]}] * bool(prompt)
         tokenizer = getattr(processor, "tokenizer", processor)  # renders alike, loads no video
         got = tokenizer.apply_chat_template(chat + [{"role": "user", "content": content}],
@@ -238,21 +241,19 @@ def write_sentence_transformers(out, model, processor, family):
     files = {"modules.json": [{"idx": i, "name": str(i), "path": path, "type": kind}
                               for i, (path, kind) in enumerate(ST_MODULES)],
              "sentence_bert_config.json": {
-                 "transformer_task": "feature-extraction", "module_output_name": "token_embeddings",
+                 "transformer_task": "feature-extraction",
+                 "module_output_name": "token_embeddings",
                  "modality_config": {"text": forward, "image": forward, "image+text": forward,
                                      "message": {**forward, "format": "structured"}},
                  "processing_kwargs": {"text": {"padding_side": "left", "truncation": False},
                                        "chat_template": {"chat_template": template}}},
-             "1_Pooling/config.json": {"embedding_dimension": model.config.get_text_config()
-                                       .hidden_size, "pooling_mode": "lasttoken",
-                                       "include_prompt": True},
-             "2_Normalize/config.json": {},
+             "1_Pooling/config.json": {"pooling_mode": "lasttoken", "include_prompt": True,
+                                       "embedding_dimension": model.config.get_text_config()
+                                       .hidden_size}, "2_Normalize/config.json": {},
              "config_sentence_transformers.json": {
-                 "__version__": {"sentence_transformers": ST_VERSION},
-                 "model_type": "SentenceTransformer", "similarity_fn_name": "cosine",
-                 "prompts": {"text": families.TEXT_INSTRUCTION,
-                             "image": families.IMAGE_INSTRUCTION},
-                 "default_prompt_name": None}}
+                 "__version__": {"sentence_transformers": ST_VERSION}, "default_prompt_name": None,
+                 "model_type": "SentenceTransformer", "similarity_fn_name": "cosine", "prompts": {
+                     "text": families.TEXT_INSTRUCTION, "image": families.IMAGE_INSTRUCTION}}}
     for name, content in files.items():
         os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
@@ -262,14 +263,12 @@ def write_sentence_transformers(out, model, processor, family):
 ## With sentence-transformers (>= {ST_VERSION}; no code of UniME's)
 ```python
 from sentence_transformers import SentenceTransformer
-model = SentenceTransformer(FOLDER)  # the pooling, prompts and padding above, as configured
+model = SentenceTransformer(FOLDER)
 vectors = model.encode(["a red circle", Image.open("circle.png"),
                         {{"text": "what colour is it?", "image": Image.open("circle.png")}}])
-mmeb = model.encode([Image.open("circle.png")],
-                    prompt="<|image_1|> Represent the given image for classification.")
 ```
-Without a prompt (or with `prompt_name="text"` / `"image"`) each input gets its "in one word"
-prompt; any other prompt is an MMEB instruction (VLM2Vec's raw format, the text after it).
+No prompt, or `prompt_name="text"` / `"image"`: the "in one word" prompts; any other `prompt` is an
+MMEB instruction (VLM2Vec's raw format: `prompt="<|image_1|> Represent the given image ..."`).
 """)
 
 

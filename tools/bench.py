@@ -270,7 +270,8 @@ def peer_cached_loss(spec, tmp, device="cpu"):
          **{f"{k}_s": v for k, v in t.items()}, **{f"{k}_mb": v for k, v in mem.items()},
          "eq4_over_peer": t["eq4"] / t["peer"], "infonce_over_peer": t["infonce"] / t["peer"],
          "loss_infonce": losses["infonce"], "loss_peer": losses["peer"],
-         "grad_max_abs_diff": float((got - ref).abs().max()), "grad_max_abs": float(ref.abs().max())}
+         "grad_max_abs_diff": float((got - ref).abs().max()),
+         "grad_max_abs": float(ref.abs().max())}
     what = f"LLaVA {vw}/{tw} wide, {layers} layer(s), {px}-px images, batch {n}, chunks of {chunk}"
     return p, [(f"one stage-2 step vs sentence-transformers' CMNRL, {what} ({p['device']})",
                 f"Eq. 4 {t['eq4']:.2f} s, {mem['eq4']} MB; InfoNCE {t['infonce']:.2f} s, "
