@@ -37,7 +37,7 @@ SIZES = {  # (full run, --quick)
     "toy": ((6, 2), (1, 1)), "real": ((1, 1), (1, 1)),  # steps, rounds per workers setting
     "real_batch": ((8, 4), (4, 4)), "scoring": ((1_000, 10_000, 100_000), (1_000, 3_000)),
     # the peer: LLaVA (vision, text widths, layers, image px, patch), batch, chunk, repeats
-    "peer": (((256, 256, 2, 64, 16), 32, 8, 2), ((32, 32, 1, 32, 16), 8, 4, 1))}
+    "peer": (((256, 256, 2, 64, 16), 32, 8, 3), ((32, 32, 1, 32, 16), 8, 4, 1))}
 GPU_PEER = ((1024, 1536, 1, 336, 28), 256, 32, 3)  # --gpu: real widths, one layer each
 
 
