@@ -1,4 +1,5 @@
-"""Speed and memory: what GradCache, the embedding path, a training step and scoring cost.
+"""Speed and memory: what GradCache, the embedding path, a training step and scoring cost, and
+this GradCache step against the one most people run (sentence-transformers' cached loss).
 
     python -m tools.bench                       # 2 CPU cores: minutes -> a markdown table, bench.json
     python -m tools.bench --quick               # every section at toy sizes (a smoke run)
@@ -225,12 +226,11 @@ def peer_cached_loss(spec, tmp, device="cpu"):
               for _ in range(n)]
     captions = [r["sent0"] for r in toy.default.text_pairs(shapes.split_scenes(0)["train"], n, 0)]
     task = toy.default.STAGE2_INSTRUCTIONS["i2t"]
-    ours = {"qry": [(list(range(a, a + chunk)), M.process(
-                processor, "llava", images=images[a:a + chunk], instructions=[task] * chunk))
-                for a in range(0, n, chunk)],
-            "pos": [(list(range(a, a + chunk)), M.process(processor, "llava",
-                                                          texts=captions[a:a + chunk]))
-                    for a in range(0, n, chunk)]}
+    rows = [list(range(a, min(a + chunk, n))) for a in range(0, n, chunk)]
+    ours = {"qry": [(i, M.process(processor, "llava", images=[images[j] for j in i],
+                                  instructions=[task] * len(i))) for i in rows],
+            "pos": [(i, M.process(processor, "llava", texts=[captions[j] for j in i]))
+                    for i in rows]}
     theirs = [st.preprocess(images, prompt=task), st.preprocess(captions)]  # its collator's
     peer = CachedMultipleNegativesRankingLoss(st, scale=20.0, mini_batch_size=chunk)
     shim = types.SimpleNamespace(model=net)  # M.embed reads model.model
