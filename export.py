@@ -9,18 +9,22 @@ OUT_DIR gets
   `adapter_model.safetensors`), for `peft.PeftModel.from_pretrained` on the model that stage
   started from; when that start is itself a stage output (stage 2 on stage 1), it is written
   too, as `adapter-base/`. A full fine-tune (--lora-r 0) has no adapter;
-- `README.md`, the model card: base, stages, prompts, and the pooling in plain transformers.
+- `README.md`, the model card: base, stages, prompts, and the pooling in plain transformers;
+- a sentence-transformers model's files (`modules.json` ...): `SentenceTransformer(OUT_DIR)`
+  embeds as the project does, with no code of it (`write_sentence_transformers`).
 The export is built in a temporary folder beside OUT_DIR and renamed into place when complete.
 """
 import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
 
 import torch
+import transformers
 
 import families
 import model as M
@@ -173,6 +177,134 @@ print(texts @ images.T)  # cosine similarity
 """
 
 
+# ---------------------------------------------------------------- a sentence-transformers model
+
+ST_VERSION = "5.4.0"  # the first with multimodal Transformer modules, processing_kwargs, prompts
+ST_MODULES = [("", "sentence_transformers.base.modules.transformer.Transformer"),
+              ("1_Pooling", "sentence_transformers.sentence_transformer.modules.pooling.Pooling"),
+              ("2_Normalize", "sentence_transformers.sentence_transformer.modules.normalize."
+                              "Normalize")]  # 5.4's paths; 6.x maps them to its own
+# sentence-transformers turns every input into one chat message (a prompt becomes a system
+# message) and renders it with this template, in place of the processor's own. Its parts, from
+# families.format_prompt: T_* the family's chat turn around a text, I_* around an image + text.
+# No prompt, or an "in one word" one: that zero-shot prompt (§3.1), the sentence one for
+# anything with text; any other prompt is an MMEB instruction, put before the text in VLM2Vec's
+# raw format, its <|image_N|> tags swapped for the family's image placeholder RAW.
+ST_TEMPLATE = (
+    "{%- set ns = namespace(text=none, images=0, prompt=none, body='') -%}"
+    "{%- for m in messages -%}{%- for c in ([{'type': 'text', 'text': m.content}] if m.content "
+    "is string else m.content) -%}{%- if c.type == 'image' -%}{%- set ns.images = ns.images + 1"
+    " -%}"
+    "{%- elif c.type != 'text' or [ns.text, ns.prompt][m.role == 'system'] is not none -%}"
+    "{{- raise_exception('UniME embeds one text, one image, or both, under one prompt') -}}"
+    "{%- elif m.role == 'system' -%}{%- set ns.prompt = c.text -%}"
+    "{%- else -%}{%- set ns.text = c.text -%}{%- endif -%}{%- endfor -%}{%- endfor -%}"
+    "{%- set image = ns.images == 1 -%}{%- if ns.images > 1 or (ns.text is none and not image) -%}"
+    "{{- raise_exception('UniME embeds one text, one image, or both') -}}{%- endif -%}"
+    "{%- if ns.prompt is none or ns.prompt in [TEXT, IMAGE] -%}"
+    "{%- if ns.text is not none and not ns.text.strip() -%}"
+    "{{- raise_exception('empty text: every input needs some content to embed') -}}{%- endif -%}"
+    "{%- set words = ns.prompt or (TEXT if ns.text is not none else IMAGE) -%}"
+    "{{- [T_PRE, I_PRE][image] ~ (ns.text ~ '\\n' if ns.text is not none else '') ~ words"
+    " ~ [T_POST, I_POST][image] -}}{%- else -%}"
+    "{%- set parts = (ns.prompt ~ (' ' ~ ns.text if ns.text is not none else ''))"
+    ".split('<|image_') -%}"
+    "{%- set ns.body = parts[0] -%}{%- for p in parts[1:] -%}{%- set end = p.find('|>') -%}"
+    "{%- if end > 0 and p[:end].isdecimal() -%}{%- set ns.body = ns.body ~ RAW ~ p[end + 2:] -%}"
+    "{%- else -%}{%- set ns.body = ns.body ~ '<|image_' ~ p -%}{%- endif -%}{%- endfor -%}"
+    "{%- if image and RAW not in ns.body -%}{%- set ns.body = RAW ~ '\\n' ~ ns.body -%}"
+    "{%- endif -%}{%- if not image and (RAW in ns.body or not ns.body.strip()) -%}"
+    "{{- raise_exception('an MMEB input without an image needs text, and no image tag') -}}"
+    "{%- endif -%}{{- MMEB -}}{%- endif -%}")
+
+
+def sentence_transformers_template(family, processor):
+    """ST_TEMPLATE with this family's strings in it, checked against families.format_prompt."""
+    text, parts = "UNIME-TEXT-7f3a", {}
+    for k, image in (("T", False), ("I", True)):
+        prompt = families.format_prompt(family, text=text, image=image, processor=processor)
+        pieces = prompt.split(f"{text}\n{families.TEXT_INSTRUCTION}")
+        if len(pieces) != 2:
+            raise ValueError(f"its chat template changes the text it is given: {prompt!r}")
+        parts.update({f"{k}_PRE": pieces[0], f"{k}_POST": pieces[1]})
+    parts.update(TEXT=families.TEXT_INSTRUCTION, IMAGE=families.IMAGE_INSTRUCTION,
+                 RAW=families.FAMILIES[family]["raw"])
+    template = ST_TEMPLATE.replace("{{- MMEB -}}", "{{- ns.body -}}" if family != "llava_onevision"
+                                   else "{{- [T_PRE, I_PRE][image] ~ ns.body.replace(RAW ~ '\\n',"
+                                   " '').replace(RAW, '').strip() ~ [T_POST, I_POST][image] -}}")
+    template = re.sub(r"\b(?:[TI]_PRE|[TI]_POST|TEXT|IMAGE|RAW)\b", lambda name: json.dumps(
+        parts[name.group()], ensure_ascii=False), template)  # one pass: "<IMG_CONTEXT>" stays
+    task = "Represent the given image with the following question:"
+    for text, image, prompt in [(" a red\ncat ", 0, None), (None, 1, None), ("two dogs", 1, None),
+                                ("a cat", 0, "Find it:"), ("what?", 1, f"<|image_12|> {task}"),
+                                (None, 1, task)]:
+        content = [{"type": "image"}] * image + [{"type": "text", "text": text}] * bool(text)
+        chat = [{"role": "system", "content": [{"type": "text", "text": prompt}]}] * bool(prompt)
+        tokenizer = getattr(processor, "tokenizer", processor)  # renders alike, loads no video
+        got = tokenizer.apply_chat_template(chat + [{"role": "user", "content": content}],
+                                            chat_template=template, tokenize=False)
+        instruction = prompt and (f"{prompt} {text}" if text is not None else prompt)
+        expected = families.format_prompt(family, None if prompt else text, image, instruction,
+                                           processor)
+        if got != expected:  # a chat template that does not keep the text as it is given
+            raise ValueError(f"its prompt template renders {got!r} where UniME has {expected!r}")
+    return template
+
+
+def write_sentence_transformers(out, model, processor, family):
+    """The files that make `out` a sentence-transformers model (modules.json and each module's
+    config: the model's own forward and processor -> last-token pooling -> L2 normalization,
+    the prompt template above, left padding, no truncation), and their section of the model
+    card. The merged model files next to them are the module's weights: nothing is copied."""
+    try:
+        if family == "phi3_v":
+            raise ValueError("its remote code registers AutoModelForCausalLM only (sentence-"
+                             "transformers loads AutoModel) and its processor takes one prompt "
+                             "per call")
+        with open(os.path.join(out, "processor_config.json"), encoding="utf-8") as f:
+            saved = json.load(f).get("processor_class")
+        if not hasattr(transformers, str(saved)):  # AutoProcessor would give a bare tokenizer
+            raise ValueError(f"its processor is saved as {saved}, a class transformers does "
+                             f"not have, and sentence-transformers would drop every image")
+        template = sentence_transformers_template(family, processor)
+    except ValueError as e:
+        print(f"{out}: no sentence-transformers files for this {family} model: {e}")
+        return
+    forward = {"method": "forward", "method_output_name": "last_hidden_state"}
+    files = {"modules.json": [{"idx": i, "name": str(i), "path": path, "type": kind}
+                              for i, (path, kind) in enumerate(ST_MODULES)],
+             "sentence_bert_config.json": {
+                 "transformer_task": "feature-extraction",
+                 "module_output_name": "token_embeddings",
+                 "modality_config": {"text": forward, "image": forward, "image+text": forward,
+                                     "message": {**forward, "format": "structured"}},
+                 "processing_kwargs": {"text": {"padding_side": "left", "truncation": False},
+                                       "chat_template": {"chat_template": template}}},
+             "1_Pooling/config.json": {"pooling_mode": "lasttoken", "include_prompt": True,
+                                       "embedding_dimension": model.config.get_text_config()
+                                       .hidden_size}, "2_Normalize/config.json": {},
+             "config_sentence_transformers.json": {
+                 "__version__": {"sentence_transformers": ST_VERSION}, "default_prompt_name": None,
+                 "model_type": "SentenceTransformer", "similarity_fn_name": "cosine", "prompts": {
+                     "text": families.TEXT_INSTRUCTION, "image": families.IMAGE_INSTRUCTION}}}
+    for name, content in files.items():
+        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=1)
+    with open(os.path.join(out, "README.md"), "a", encoding="utf-8") as f:
+        f.write(f"""
+## With sentence-transformers (>= {ST_VERSION}; no code of UniME's)
+```python
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer(FOLDER)
+vectors = model.encode(["a red circle", Image.open("circle.png"),
+                        {{"text": "what colour is it?", "image": Image.open("circle.png")}}])
+```
+No prompt, or `prompt_name="text"` / `"image"`: the "in one word" prompts; any other `prompt` is an
+MMEB instruction (VLM2Vec's raw format: `prompt="<|image_1|> Represent the given image ..."`).
+""")
+
+
 def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=False):
     """Write the export of stage output `run` into `out` (see the module docstring)."""
     chain, root = stages.stage_chain(run)
@@ -205,6 +337,7 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
             processor.save_pretrained(folder)
         with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(chain, root, family, processor, adapter_base))
+        write_sentence_transformers(folder, model, processor, family)
         with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as f:
             json.dump({"run": os.path.abspath(run), "run_id": last["id"],
                        "paths": sorted(files_under(folder) + [MANIFEST])}, f)

@@ -22,7 +22,7 @@ def test_bench_quick_runs_every_section_and_writes_its_figures(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     r = json.loads(out.read_text())
-    assert {"machine", "gradcache", "embedding_path", "throughput", "scoring",
+    assert {"machine", "gradcache", "embedding_path", "throughput", "scoring", "peer",
             "gpu_code_path"} <= set(r)
     assert {"vs_plain", "vs_without_cache_pass", "grad_max_abs_diff"} <= set(r["gradcache"]["lora"])
     assert r["gradcache"]["lora"]["grad_max_abs_diff"] < 1e-5  # GradCache's gradients are exact
@@ -31,6 +31,10 @@ def test_bench_quick_runs_every_section_and_writes_its_figures(tmp_path):
         ("toy", 1), ("toy", 2), ("real-width LLaVA", 1), ("real-width LLaVA", 2)]
     assert all(set(t["step_s"]) == {"0", "1", "2"} for t in r["throughput"])
     assert {"samples_per_s", "mfu", "peak_memory_gib"} <= set(r["gpu_code_path"])
+    peer = r["peer"]  # sentence-transformers' CachedMultipleNegativesRankingLoss, same model
+    assert {"eq4_s", "peer_s", "eq4_mb", "peer_mb", "eq4_over_peer"} <= set(peer)
+    assert peer["loss_infonce"] == pytest.approx(peer["loss_peer"], abs=1e-5)  # the same loss
+    assert peer["grad_max_abs_diff"] < 1e-5 < peer["grad_max_abs"]  # and the same gradients
 
 
 def test_streamed_topk_equals_topk_over_all_scores():

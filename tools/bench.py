@@ -1,4 +1,5 @@
-"""Speed and memory: what GradCache, the embedding path, a training step and scoring cost.
+"""Speed and memory: what GradCache, the embedding path, a training step and scoring cost, and
+this GradCache step against the one most people run (sentence-transformers' cached loss).
 
     python -m tools.bench                       # 2 CPU cores: minutes -> a markdown table, bench.json
     python -m tools.bench --quick               # every section at toy sizes (a smoke run)
@@ -36,7 +37,10 @@ SIZES = {  # (full run, --quick)
     "curve": ((128, (64, 256, 1024), 16), (32, (8, 16, 32), 4)),  # memory: width, batches, chunk
     "embed": ((1536, 2, 2, 256), (64, 1, 1, 32)),  # width, layers, rows, tokens
     "toy": ((6, 2), (1, 1)), "real": ((1, 1), (1, 1)),  # steps, rounds per workers setting
-    "real_batch": ((8, 4), (4, 4)), "scoring": ((1_000, 10_000, 100_000), (1_000, 3_000))}
+    "real_batch": ((8, 4), (4, 4)), "scoring": ((1_000, 10_000, 100_000), (1_000, 3_000)),
+    # the peer: LLaVA (vision, text widths, layers, image px, patch), batch, chunk, repeats
+    "peer": (((256, 256, 2, 64, 16), 32, 8, 3), ((32, 32, 1, 32, 16), 8, 4, 1))}
+GPU_PEER = ((1024, 1536, 1, 336, 28), 256, 32, 3)  # --gpu: real widths, one layer each
 
 
 # ---------------------------------------------------------------- measuring
@@ -191,6 +195,98 @@ def embedding_path(s):
                 f"{e['official_over_ours_at_28_layers']:.2f}x the time (computed)")]
 
 
+# ---------------------------------------------------------------- the peer's GradCache
+
+def peer_cached_loss(spec, tmp, device="cpu"):
+    """train.gradcache_step with Eq. 4 against sentence-transformers' own GradCache loss,
+    CachedMultipleNegativesRankingLoss (CMNRL), on one SentenceTransformer (an untrained LLaVA
+    written out as export.py writes one, LoRA r16 on every linear layer): the same rows (an
+    image under an MMEB instruction -> a caption), batch and chunk size, fp32. Time per step and
+    peak memory of each, and the gradients of this step with Eq. 4 replaced by the peer's loss
+    (in-batch InfoNCE over cosines times scale 20, i.e. τ = 0.05) against the peer's."""
+    import types
+    import numpy as np
+    from PIL import Image
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import \
+        CachedMultipleNegativesRankingLoss
+    import export
+    import hardneg
+    (vw, tw, layers, px, patch), n, chunk, repeat = spec
+    path = bench_step.build_llava(os.path.join(tmp, "peer"), dict(
+        hidden_size=vw, intermediate_size=4 * vw, num_attention_heads=vw // 64 or 2), dict(
+        hidden_size=tw, intermediate_size=4 * tw, num_attention_heads=tw // 64 or 2,
+        num_key_value_heads=tw // 64 or 2), px, patch, layers)
+    export.write_sentence_transformers(path, *M.load_mllm(path))
+    st = SentenceTransformer(path, device=device)
+    net = st[0].auto_model  # this step embeds with the very same module: model.model is it
+    M.inject_lora(net, families.lora_targets(net, "llava", include_vision=True), 16, 32, 0.0)
+    for m in net.modules():  # B != 0, so A's gradients are compared too
+        if isinstance(m, M.LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.02, generator=torch.Generator().manual_seed(0))
+    net.to(device)
+    params = [p for p in net.parameters() if p.requires_grad]
+    rng, processor = np.random.default_rng(0), M.load_mllm(path)[1]
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((px, px))
+              for _ in range(n)]
+    captions = [r["sent0"] for r in toy.default.text_pairs(shapes.split_scenes(0)["train"], n, 0)]
+    task = toy.default.STAGE2_INSTRUCTIONS["i2t"]
+    rows = [list(range(a, min(a + chunk, n))) for a in range(0, n, chunk)]
+    ours = {"qry": [(i, M.process(processor, "llava", images=[images[j] for j in i],
+                                  instructions=[task] * len(i))) for i in rows],
+            "pos": [(i, M.process(processor, "llava", texts=[captions[j] for j in i]))
+                    for i in rows]}
+    theirs = [st.preprocess(images, prompt=task), st.preprocess(captions)]  # its collator's
+    peer = CachedMultipleNegativesRankingLoss(st, scale=20.0, mini_batch_size=chunk)
+    shim = types.SimpleNamespace(model=net)  # M.embed reads model.model
+    losses = {}
+
+    def step(name):
+        def run():
+            net.zero_grad(set_to_none=True)
+            if name == "peer":
+                loss = peer([{k: v.to(device) if torch.is_tensor(v) else v for k, v in f.items()}
+                             for f in theirs], None)
+                loss.backward()
+            else:
+                loss = train.gradcache_step(shim, ours, lambda r: (hardneg.hardneg_loss(
+                    r["qry"], r["pos"], k=8, beta=0.1, tau=0.02) if name == "eq4" else
+                    hardneg.masked_infonce_loss(r["qry"], r["pos"], None, 1 / peer.scale), {}),
+                    device, None)[0]
+            if device != "cpu":
+                torch.cuda.synchronize(device)
+            losses[name] = float(loss.detach())
+            return torch.cat([p.grad.flatten() for p in params]).cpu()
+        return run
+    steps = {name: step(name) for name in ("eq4", "infonce", "peer")}
+    t = alternate(steps, repeat)
+    mem = {}
+    for name, fn in steps.items():
+        if device == "cpu":
+            mem[name] = mb(peak_memory(fn)[1])
+        else:
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            mem[name] = mb(torch.cuda.max_memory_allocated(device) - before)
+    got, ref = steps["infonce"](), steps["peer"]()
+    p = {"device": torch.cuda.get_device_name(device) if device != "cpu" else "cpu", "batch": n,
+         "chunk": chunk, "width": [vw, tw], "layers": layers, "image_px": px,
+         **{f"{k}_s": v for k, v in t.items()}, **{f"{k}_mb": v for k, v in mem.items()},
+         "eq4_over_peer": t["eq4"] / t["peer"], "infonce_over_peer": t["infonce"] / t["peer"],
+         "loss_infonce": losses["infonce"], "loss_peer": losses["peer"],
+         "grad_max_abs_diff": float((got - ref).abs().max()),
+         "grad_max_abs": float(ref.abs().max())}
+    what = f"LLaVA {vw}/{tw} wide, {layers} layer(s), {px}-px images, batch {n}, chunks of {chunk}"
+    return p, [(f"one stage-2 step vs sentence-transformers' CMNRL, {what} ({p['device']})",
+                f"Eq. 4 {t['eq4']:.2f} s, {mem['eq4']} MB; InfoNCE {t['infonce']:.2f} s, "
+                f"{mem['infonce']} MB; CMNRL {t['peer']:.2f} s, {mem['peer']} MB",
+                f"{p['eq4_over_peer']:.2f}x the peer's time with Eq. 4 (same model and rows)"),
+               ("its gradients with InfoNCE at τ 0.05 vs CMNRL's (scale 20)",
+                f"max diff {p['grad_max_abs_diff']:.0e} (largest {p['grad_max_abs']:.0e}); "
+                f"losses {losses['infonce']:.6f} / {losses['peer']:.6f}", "~1e-6")]
+
+
 # ---------------------------------------------------------------- scoring
 
 def topk(queries, candidates, k=10, chunk=16384):
@@ -245,11 +341,13 @@ def main(argv=None):
         raise SystemExit("--gpu needs a CUDA GPU (--quick runs its code on the CPU, at toy size)")
     with tempfile.TemporaryDirectory() as tmp:
         for name, run in [("gpu", lambda: bench_step.gpu_stage2("cuda", a.seconds, peak_flops=(
-                a.peak_tflops or 0) * 1e12 or None))] if a.gpu else [
+                a.peak_tflops or 0) * 1e12 or None)),
+                ("peer", lambda: peer_cached_loss(GPU_PEER, tmp, "cuda"))] if a.gpu else [
                 ("gradcache", lambda: gradcache_cost(s, tmp)),
                 ("embedding_path", lambda: embedding_path(s)),
                 ("throughput", lambda: zip(*bench_step.throughputs(s, tmp, a.quick))),
-                ("scoring", lambda: scoring(s))]:
+                ("scoring", lambda: scoring(s)),
+                ("peer", lambda: peer_cached_loss(s["peer"], tmp))]:
             r[name], rows = run()
             table += sum(rows, []) if name == "throughput" else rows
             print(f"{name}: done at {time.time() - t0:.0f} s", flush=True)
