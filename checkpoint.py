@@ -10,15 +10,25 @@ import fcntl
 import json
 import os
 import random
+import re
+import shlex
+import shutil
+import signal
 import socket
+import sys
+import tempfile
+import threading
+import time
 
 import torch
+import torch.distributed as dist
 
 import model as M
 
 RUN_FILES = ("checkpoint.pt", "log.jsonl", "adapter.pt", "unime.json")
 NOT_COMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "workers", "device",
-                "chunk_size", "gradient_checkpointing")  # may change when a run is resumed
+                "chunk_size", "gradient_checkpointing",  # may change when a run is resumed
+                "save_minutes", "skip_missing_images")  # a resume may skip what broke it
 
 
 def run_config(args):
@@ -98,7 +108,7 @@ def claim(args):
                          f"--resume to continue it, --overwrite to replace it, or another --out")
     if args.resume and "checkpoint.pt" not in present:
         raise SystemExit(f"--resume: {os.path.join(args.out, 'checkpoint.pt')} does not exist")
-    os.makedirs(out, exist_ok=True)
+    require_writable(out, "--out " + args.out)
     lock = take_lock(os.path.join(out, ".lock"), args.out)
     try:
         if args.resume:  # a missing or different checkpoint is refused now, not after the
@@ -108,9 +118,7 @@ def claim(args):
         raise
     if args.overwrite and os.path.exists(os.path.join(out, "unime.json")):
         os.remove(os.path.join(out, "unime.json"))
-    for f in present:  # save_atomic's temporary files, left by a run killed while writing
-        if f.startswith(".tmp-") and os.path.isfile(os.path.join(out, f)):
-            os.remove(os.path.join(out, f))
+    remove_stale_temp(out, locked=True)  # what a run killed while writing left
     return lock
 
 
@@ -180,3 +188,157 @@ def open_log(out, start):
             continue
     M.save_atomic(path, "".join(kept))
     return open(path, "a", encoding="utf-8", buffering=1)
+
+
+# ---------------------------------------------------------------- nothing lost
+
+TEMP_NAME = re.compile(r"\.tmp-unime_(\d+)_([^_]+)_[a-z0-9_]{8}$")  # model.TEMP + mkstemp's
+OLD_TEMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}$")  # save_atomic's names before it
+STALE_AFTER = 24 * 3600  # s: a temporary entry of another host untouched this long is a leftover
+
+
+def remove_stale_temp(folder, locked=False):
+    """Remove from `folder` the temporary files and folders this project's writers
+    (model.save_atomic, model.save_pretrained, export.py) left when they were killed: names of
+    model.TEMP whose writer is no longer running on this host, or from another host
+    untouched for a day. With locked=True (a run folder whose lock this process holds: no one
+    else writes there) every one of them, older names included. Nothing else is touched: not
+    another program's file, not a write in progress. Called when the owner of a folder starts
+    (a run, the teacher pass, the image checks, an export)."""
+    entries = os.listdir(folder) if os.path.isdir(folder) else []
+    here = M.TEMP.split("_")[2]  # this host
+    for name in entries:
+        path, ours = os.path.join(folder, name), TEMP_NAME.match(name)
+        if not (ours or locked and OLD_TEMP_NAME.match(name)):
+            continue
+        if not locked and not (ours[2] == here and not process_alive(int(ours[1])) or
+                               time.time() - last_touched(path) > STALE_AFTER):
+            continue
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)  # save_pretrained's or export's folder, and what it holds
+            else:
+                os.remove(path)  # a file, or a link itself (never what it points to)
+        except FileNotFoundError:  # removed meanwhile by another process's start
+            pass
+
+
+def process_alive(pid):
+    """Whether process `pid` runs on this host; this process counts as dead (its own writers
+    remove their temporary files when they fail, so one with its number is a leftover of an
+    earlier process that had the same number)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def last_touched(path):
+    times = [os.lstat(path).st_mtime]
+    for root, _, files in os.walk(path):  # a folder being written: its newest file
+        times += [os.lstat(os.path.join(root, f)).st_mtime for f in files]
+    return max(times)
+
+
+def require_writable(folder, name):
+    """Make `folder`, and stop in one line unless it can hold a run: writable (not a
+    read-only disk, not another user's) and on a filesystem with flock (some network mounts
+    have none), which the run's lock needs. `name` says what the folder is (a flag)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=M.TEMP.format(os.getpid()))
+    except OSError as e:
+        raise SystemExit(f"{name}: cannot write there ({e.strerror or e}); choose a folder "
+                         f"you can write to") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError as e:
+        raise SystemExit(f"{name}: its filesystem has no file locks (flock: {e.strerror or e}),"
+                         f" which keep a second run out of a folder; choose a folder on a "
+                         f"local disk") from None
+    finally:
+        os.close(fd)
+        os.remove(probe)
+
+
+def worker_init(lock, worker_id=None):
+    """A DataLoader worker: drop the run's lock (close_in_worker) and leave SIGINT and SIGTERM
+    to the run, which finishes its step and saves (Cadence); a worker killed by them would make
+    the loader raise in the middle of that step. Workers end with the run."""
+    close_in_worker(lock, worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def resume_command(argv):
+    """The command that continues the run started with `argv` (train.py's arguments)."""
+    argv = [a for a in argv if a != "--overwrite"]
+    return shlex.join(["python", "train.py", *argv] + ([] if "--resume" in argv else
+                                                       ["--resume"]))
+
+
+class Cadence:
+    """When the loop writes its checkpoint: every --save-every steps, every --save-minutes of
+    wall time, at the last step, and at the first step boundary after SIGTERM (what a cluster
+    scheduler sends) or SIGINT (Ctrl-C); after a signal the run then stops with exit code
+    128 + its number and prints the command that resumes it. A second signal stops at once
+    (the step in progress is lost; the last checkpoint stays good). The signal handlers are
+    the run's only while its steps run (`steps`)."""
+
+    def __init__(self, args, argv, world=1, device="cpu"):
+        self.args, self.argv, self.world, self.device = args, argv, world, device
+        self.signum, self.last, self.previous = None, time.monotonic(), {}
+
+    def steps(self, start):
+        """The loop's steps, range(start, --max-steps), with SIGTERM and SIGINT noted while
+        it runs (the handlers before it come back when it ends, however it ends)."""
+        if threading.current_thread() is threading.main_thread():  # where Python allows it
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.previous[s] = signal.signal(s, self.note)
+        try:
+            yield from range(start, self.args.max_steps)
+        finally:
+            self.restore()
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def note(self, signum, frame):
+        if self.signum is not None:  # asked twice: now
+            self.restore()
+            raise SystemExit(f"{signal.Signals(signum).name} again: stopped at once; the last "
+                             f"checkpoint in {self.args.out} stays good")
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def after_step(self, step, save=None):
+        """Call on every process after each step; `save` writes the checkpoint (the main
+        process gives it, the others None). Raises SystemExit after a signal."""
+        signum = self.signum or 0
+        if self.world > 1:  # stop together: a process left alone would wait forever
+            flag = torch.tensor([signum], device=self.device)  # NCCL reduces on the GPU
+            dist.all_reduce(flag, dist.ReduceOp.MAX)
+            signum = int(flag)
+        a = self.args
+        minutes = a.save_minutes and time.monotonic() - self.last >= a.save_minutes * 60
+        if save and (signum or minutes or step % a.save_every == 0 or step == a.max_steps):
+            save()
+            self.last = time.monotonic()
+        if not signum:
+            return
+        if self.world > 1:
+            dist.barrier()  # the checkpoint is written before any process exits
+        if save:
+            print(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint "
+                  f"{os.path.join(a.out, 'checkpoint.pt')}. Continue with:\n  "
+                  f"{resume_command(self.argv)}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import data
 import families
 
+TEMP = ".tmp-unime_{}_" + os.uname()[1].replace("_", "-") + "_"  # pid, host: remove_stale_temp
+
 # ---------------------------------------------------------------- loading any MLLM
 
 def load_mllm(name_or_path, dtype=torch.float32, device="cpu", trust_remote_code=False,
@@ -227,14 +229,14 @@ def load_lora(model, state):
 
 def save_atomic(path, obj):
     """The one atomic writer: `obj` (text, or anything torch.save takes) goes to a temporary
-    file in the same folder, then is renamed to `path`, so a crash never leaves a torn file
-    where a good one was expected. Files get the usual permissions (mkstemp's are 0600). A
+    file in the same folder (named TEMP), then is renamed to `path`: a crash never leaves a torn
+    file where a good one was expected. Files get the usual permissions (mkstemp's are 0600). A
     failed write (a full disk) stops with a message naming `path`, which is left as it was."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TEMP.format(os.getpid()))
         with os.fdopen(fd, "wb") as f:
             f.write(obj.encode()) if isinstance(obj, str) else torch.save(obj, f)
             f.flush()
@@ -260,7 +262,7 @@ def save_pretrained(out, model, processor):
     temporary folder inside `out`, then each file renamed into place with the usual
     permissions. Nothing else in `out` is touched."""
     os.makedirs(out, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-")
+    tmp = tempfile.mkdtemp(dir=out, prefix=TEMP.format(os.getpid()))
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     umask = os.umask(0)
@@ -294,13 +296,15 @@ def model_identity(path):
 
 
 def read_stage_meta(path):
-    """The `unime.json` of a finished stage output, else None. It is written last, so its
-    presence marks the output complete."""
+    """A finished stage output's `unime.json` (written last, it marks it complete), else None."""
     meta_path = os.path.join(str(path), "unime.json")
     if not os.path.isfile(meta_path):
         return None
-    with open(meta_path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # torn, not JSON, not UTF-8
+        raise SystemExit(f"{meta_path} is damaged ({e!r:.80}): restore it or train again") from None
 
 
 def stage_init(path, meta):

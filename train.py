@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 
 import torch
@@ -89,6 +90,9 @@ class StepBatches(torch.utils.data.Dataset):
         sides = {}
         for side in SIDES[a.stage] + (("hard_neg",) if a.hard_negatives else ()):
             inputs = [pair_input(a.stage, r, side) for r in rows]
+            if a.stage == 1:  # each sentence cut to --max-text-tokens: memory stays bounded
+                texts = distill.cut_texts(self.processor, [x[0] for x in inputs], a.max_text_tokens)
+                inputs = [(t, None, None) for t in texts]
             sides[side] = [(idx, M.process(
                 self.processor, self.family, [inputs[i][0] for i in idx],
                 [self.image(inputs[i][1]) if inputs[i][1] else None for i in idx],
@@ -233,8 +237,9 @@ def checkpoint_activations(model):
     enable({"use_reentrant": False})
 
 
-def train(args, source):
-    """The UniME loop for either stage -> the held-out report before and after (or {})."""
+def train(args, source, argv=None):
+    """The UniME loop for either stage -> the held-out report before and after (or {}).
+    argv: the command line, for the resume command printed when a signal stops the run."""
     rank, world, device = init_distributed(args.device)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over the "
@@ -247,7 +252,8 @@ def train(args, source):
             M.require_model(args.model, args.trust_remote_code)  # is freed before the student
             teacher, index, teacher_rows = distill.teacher_targets(args, source, device)  # loads
             if source["heldout"]:
-                report = distill.teacher_report(teacher, index, source["heldout"], device, amp)
+                report = distill.teacher_report(teacher, index, source["heldout"], device, amp,
+                                                args.max_text_tokens)
         model, processor, family = M.load_embedder(args.model, device, weights,
                                                    args.trust_remote_code, args.family,
                                                    load_in_4bit=args.load_in_4bit)
@@ -266,19 +272,20 @@ def train(args, source):
             sampler=range(start, args.max_steps), num_workers=args.workers,
             prefetch_factor=1 if args.workers else None,  # an item is a whole step: 1 ahead each
             pin_memory=torch.device(device).type == "cuda",
-            worker_init_fn=functools.partial(checkpoint.close_in_worker, lock),
+            worker_init_fn=functools.partial(checkpoint.worker_init, lock),
             generator=torch.Generator()))  # its own: the global RNG (dropout) stays untouched
         log = checkpoint.open_log(args.out, start) if main_rank else None
         history, t0 = [], time.time()
-        for step in range(start, args.max_steps):
+        cadence = checkpoint.Cadence(args, sys.argv[1:] if argv is None else argv, world, device)
+        for step in cadence.steps(start):
             lr = lr_at(step, args.lr, args.warmup, args.max_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             waited = time.time()
             batch = next(batches)  # this rank's rows of the global batch, processed per chunk
             waited = time.time() - waited  # > 0: the step waited for its inputs (--workers)
-            if args.stage == 1:  # the teacher's embeddings of the same sentences, by row id
-                targets = {k: teacher[ids[batch["ids"]].to(device)]
+            if args.stage == 1:  # the teacher's embeddings of the same sentences, by row id: the
+                targets = {k: teacher[ids[batch["ids"]]].to(device)  # matrix stays on the CPU
                            for k, ids in teacher_rows.items()}
             model.train()
             loss, stats = gradcache_step(model, batch["sides"], lambda reps: stage_loss(
@@ -305,15 +312,15 @@ def train(args, source):
                 hardneg.collapse_guard(history, args.k if args.loss == "unime" else
                                (args.batch_size - 1) * math.exp(args.alpha or 0.0))
             if not main_rank:
+                cadence.after_step(step + 1)
                 continue  # other ranks neither log nor save
             log.write(json.dumps(record) + "\n")
             if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
                 eta = (args.max_steps - step - 1) * args.batch_size / rate
                 print(f"step {step + 1}/{args.max_steps} loss {loss:.4f} lr {lr:.2e} grad "
                       f"{grad_norm:.3f} {rate:.0f} samples/s ETA {eta:.0f}s", flush=True)
-            if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
-                log.flush()
-                checkpoint.save(args.out, model, opt, step + 1, generator, settings)
+            cadence.after_step(step + 1, lambda: (log.flush(), checkpoint.save(
+                args.out, model, opt, step + 1, generator, settings)))  # stops after a signal
         if not main_rank:
             return {}
         log.close()
@@ -337,7 +344,7 @@ def main(argv=None):
         source = toy.default.setup(args, run_train=main)
     else:
         source = config.read_data(args)
-    return train(config.finish_args(args, source), source)
+    return train(config.finish_args(args, source), source, argv)
 
 
 if __name__ == "__main__":
