@@ -140,6 +140,7 @@ def teacher_identity(name):
     if folder is None:
         return None
     memo_path = os.path.join(CACHE, "file-hashes.json")
+    checkpoint.remove_stale_temp(CACHE)  # the hashes' file, if a killed start was writing it
     try:
         memo = json.loads(open(memo_path, encoding="utf-8").read())
     except (OSError, ValueError):  # none yet, or torn: hash again

@@ -20,6 +20,7 @@ import tempfile
 
 import torch
 
+import checkpoint
 import families
 import model as M
 
@@ -152,7 +153,8 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
     adapter_base = bool(last["lora"]) and M.read_stage_meta(start) is not None
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-")
+    checkpoint.remove_stale_temp(parent)  # what an export killed while writing left
+    tmp = tempfile.mkdtemp(dir=parent, prefix=M.TEMP.format(os.getpid()))
     old = None
     try:
         loras = {name: m for name, m in model.named_modules() if isinstance(m, M.LoRALinear)}
