@@ -167,8 +167,8 @@ def check_images(paths, threads=16, block=1024, memo=None):
     if memo:
         checkpoint.remove_stale_temp(os.path.dirname(memo))
         try:
-            verdicts = json.loads(read_text(memo))
-        except (OSError, ValueError):  # none yet, or not ours: check again
+            verdicts = dict(json.loads(read_text(memo)))
+        except (OSError, ValueError, TypeError):  # none yet, or not ours: check again
             pass
     stamps = {p: file_stamp(p) for p in todo}
     bad = {p: verdicts[stamps[p]] for p in todo if verdicts.get(stamps[p])}

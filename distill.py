@@ -142,8 +142,9 @@ def teacher_identity(name):
     memo_path = os.path.join(CACHE, "file-hashes.json")
     checkpoint.remove_stale_temp(CACHE)  # the hashes' file, if a killed start was writing it
     try:
-        memo = json.loads(open(memo_path, encoding="utf-8").read())
-    except (OSError, ValueError):  # none yet, or torn: hash again
+        with open(memo_path, encoding="utf-8") as f:
+            memo = dict(json.load(f))
+    except (OSError, ValueError, TypeError):  # none yet, or not ours: hash again
         memo = {}
     known, digest = dict(memo), hashlib.sha256()
     for f in sorted(os.listdir(folder)):
@@ -185,7 +186,7 @@ def read_shard(path, key, n):
     misalign the distillation targets."""
     try:
         shard = torch.load(path, map_location="cpu", weights_only=True)
-        made, emb = shard["key"], shard["embeddings"]
+        made, emb = dict(shard["key"]), shard["embeddings"]
     except Exception as e:  # a foreign or older file (save_atomic never leaves a torn one)
         raise ValueError(f"{path}: not a teacher cache shard of this code "
                          f"({type(e).__name__}); delete it to recompute") from None
