@@ -112,7 +112,7 @@ def image_path(rel, image_root, where):
 
 
 @functools.lru_cache(maxsize=16)
-def real_root(root):  # resolved once per read, not per row (1.3M rows: a minute)
+def real_root(root):  # resolved once, not per row: ~30 s of a 1.3M-row read
     return os.path.realpath(root)
 
 

@@ -109,6 +109,35 @@ def test_a_killed_teacher_pass_resumes_from_its_last_shard_as_an_uninterrupted_o
     assert len(calls) == 4 and torch.equal(resumed, straight)
 
 
+@pytest.mark.slow
+def test_a_teacher_pass_killed_with_sigkill_keeps_its_shards(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    texts = [f"a {c} {s} number {i}" for i, (c, s) in enumerate(
+        (c, s) for c in ("red", "blue", "green", "pink") for s in ("circle", "square") * 64)]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    cache = tmp_path / "cache"
+    killed = subprocess.Popen(
+        [sys.executable, "-c", "import json, sys, distill; distill.SHARD = 64; "
+         "distill.teacher_embeddings(json.load(open('texts.json')), distill.MINILM, 'cache')"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while len([f for f in os.listdir(cache) if f.endswith(".pt")] if cache.exists() else []) < 2:
+        assert killed.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    kept = len([f for f in os.listdir(cache) if f.endswith(".pt")])
+    assert 2 <= kept < len(texts) // 64
+    monkeypatch.setattr(distill, "SHARD", 64)
+    real, calls = distill.teacher_embed, []
+    monkeypatch.setattr(distill, "teacher_embed", lambda *a, **k: (calls.append(1),
+                                                                   real(*a, **k))[1])
+    resumed = distill.teacher_embeddings(texts, distill.MINILM, str(cache))
+    assert len(calls) == len(texts) // 64 - kept  # only the shards the kill lost
+    straight = distill.teacher_embeddings(texts, distill.MINILM, str(tmp_path / "straight"))
+    assert torch.allclose(resumed, straight, atol=1e-6)
+
+
 def test_the_teacher_matrix_stays_on_the_cpu(tmp_path, monkeypatch):
     """Only each step's rows go to the device (train.py); the whole matrix of a 4,096-d teacher
     over the NLI file would take 6.5-11 GB of the GPU for all of stage 1."""
