@@ -38,10 +38,10 @@ PAPER_PRESET = {"phi3_v": "paper-phi35v", "llava_next": "paper-llava16",
 DEFAULTS = {  # what neither the command line, a preset nor the toy set
     1: dict(max_steps=1000, batch_size=64, chunk_size=32, lr=5e-4, warmup=20, lora_r=32,
             lora_alpha=64, lora_dropout=0.05, tau=0.05, teacher="nvidia/NV-Embed-v2",
-            kd_direction="teacher-student", eval_pairs=200),
+            kd_direction="teacher-student", eval_pairs=200, max_text_tokens=128, save_minutes=30),
     2: dict(max_steps=1000, batch_size=256, chunk_size=32, lr=1e-4, warmup=50, lora_r=16,
             lora_alpha=64, lora_dropout=0.1, tau=0.02, loss="unime", beta=0.1,
-            image_size=336, image_root=""),
+            image_size=336, image_root="", save_minutes=30),
 }
 LOSSES = {  # stage 2's loss -> the flags only it takes, with their defaults
     "unime": dict(k=8, negatives="hard"),  # Eq. 4
@@ -50,7 +50,7 @@ LOSSES = {  # stage 2's loss -> the flags only it takes, with their defaults
 }
 STAGE_FLAGS = {  # refused in the other stage
     1: ("kd_direction", "hard_negatives", "teacher", "teacher_pooling", "teacher_cache",
-        "eval_pairs", "load_in_4bit"),
+        "eval_pairs", "load_in_4bit", "max_text_tokens"),
     2: ("loss", "k", "beta", "negatives", "alpha", "init", "toy_duplicates", "image_size",
         "image_root", "skip_missing_images")}
 REAL_DATA_FLAGS = ("data", "image_root", "skip_missing_images")  # the toy makes its own data
@@ -76,6 +76,8 @@ RANGES = {  # flag -> (allowed?, in words); NaN fails every comparison, so it is
     "eval_pairs": (lambda v: v >= 0, "0 or more"),
     "toy_duplicates": (lambda v: 0 <= v < 1, "a share of a batch, in [0, 1)"),
     "workers": (lambda v: v >= 0, "0 or more"),
+    "save_minutes": (lambda v: 0 <= v < math.inf, "0 or more (0: by steps only)"),
+    "max_text_tokens": (lambda v: v >= 1, "at least 1"),
 }
 
 
@@ -122,9 +124,12 @@ def parse_args(argv=None):
       "(default 336, §4.1; Phi-3.5-V is never resized, its processor crops)")
     a("--teacher", help="stage 1 teacher, HF id or folder (paper: nvidia/NV-Embed-v2)")
     a("--teacher-pooling", choices=["mean", "cls", "last", "nv-embed"])
-    a("--teacher-cache", help="file of cached teacher embeddings (default under runs/cache)")
+    a("--teacher-cache", help="folder of the teacher's embeddings, written in shards as they "
+      "are computed (default under runs/cache)")
     a("--eval-pairs", type=int, help="stage 1: held-out pairs for agreement")
     a("--hard-negatives", action="store_true", help="stage 1: NLI hard_neg as extra columns")
+    a("--max-text-tokens", type=int, help="stage 1: each sentence cut to this many tokens, its "
+      "middle removed, for the student and the teacher alike (default 128; the paper gives none)")
     a("--kd-direction", choices=["teacher-student", "student-teacher", "symmetric"],
       help="stage 1: the KL of Eq. 2 (default teacher-student; symmetric = the mean of both, "
            "UniME-V2's)")
@@ -159,6 +164,8 @@ def parse_args(argv=None):
     a("--lora-dropout", type=float)
     a("--tau", type=float, help="temperature: stage 1 0.05 (paper: not given), stage 2 0.02")
     a("--save-every", type=int, help="checkpoint every N steps (default: at the end)")
+    a("--save-minutes", type=float, help="checkpoint every N minutes of training too (default "
+      "30; 0: off); SIGTERM and Ctrl-C checkpoint at the next step and stop")
     a("--log-every", type=int, default=25)
     a("--workers", type=int, help="processes preparing the next steps' inputs (default: 2 "
                                    "on a GPU; 0 on the CPU, whose cores the model computes on)")

@@ -11,12 +11,22 @@ is a path or a PIL image; any of them may be None.
 """
 import concurrent.futures
 import csv
+import functools
+import hashlib
+import io
 import json
 import os
+import re
 import time
 import warnings
 
 from PIL import Image
+
+import families
+
+# an image placeholder of any family, or an MMEB tag (`<|image_1|>`): never in text alone
+IMAGE_TAG = re.compile("|".join([families.MMEB_IMAGE_TAG.pattern] + sorted(
+    {re.escape(spec["raw"]) for spec in families.FAMILIES.values()})))
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit, 89.5 MP (8000 x 8000 fits)
@@ -50,14 +60,45 @@ def read_records(path):
     return rows
 
 
-def read_lines(path):
-    """The lines of a UTF-8 text file (a byte-order mark is dropped); other encodings are an
-    error naming the file."""
+def read_text(path):
+    """A UTF-8 text file (a byte-order mark is dropped); other encodings are an error naming
+    the file."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            return f.read().splitlines()
+            return f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e}); re-encode it as UTF-8") from None
+
+
+def read_lines(path):
+    """The lines of a UTF-8 text file, split at line feeds only: JSON and CSV text may hold
+    U+2028, U+0085 or a form feed, which str.splitlines would take for line ends."""
+    return [line.removesuffix("\r") for line in read_text(path).split("\n")]
+
+
+def text_field(row, key, where, empty=False):
+    """row[key] as text, else an error naming file, row and field (a number where text
+    belongs: a tokenizer would fail on it mid-run). empty: None or "" are allowed ("")."""
+    value = row.get(key)
+    if empty and value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key} is {value!r:.40} ({type(value).__name__}), not text")
+    if not (empty or value.strip()):
+        raise ValueError(f"{where}: {key} is empty")
+    return value
+
+
+def require_image_for_tags(text, has_image, where, key, path_key=None):
+    """An image placeholder (`<|image_1|>`, `<image>`, any family's) in text without its image
+    would make the model wait for image features that never come: an error at read.
+    path_key: the field that names the image; None for text-only data (stage 1)."""
+    tag = IMAGE_TAG.search(text or "")
+    if tag and not has_image:
+        raise ValueError(f"{where}: {key} holds the image tag {tag[0]!r} " + (
+            f"but {path_key} is empty: give the image, or remove the tag" if path_key else
+            "in text-only data (stage 1), where it would make the model expect an image: "
+            "remove it"))
 
 
 def image_path(rel, image_root, where):
@@ -66,7 +107,7 @@ def image_path(rel, image_root, where):
     if os.path.isabs(rel):
         raise ValueError(f"{where}: image path {rel!r} is absolute; paths in the data are "
                          f"relative to --image-root")
-    root = os.path.realpath(image_root or ".")
+    root = real_root(os.path.abspath(image_root or "."))
     full = os.path.realpath(os.path.join(root, rel))
     if os.path.commonpath([root, full]) != root:
         raise ValueError(f"{where}: image path {rel!r} leaves the image root {root}")
@@ -75,16 +116,22 @@ def image_path(rel, image_root, where):
     return full
 
 
+@functools.lru_cache(maxsize=16)
+def real_root(root):  # resolved once, not per row: ~30 s of a 1.3M-row read
+    return os.path.realpath(root)
+
+
 def load_image(image):
     """A PIL image from a PIL image or a path, in RGB (resizing is the family's:
     families.prepare_image). Transparency is composited onto white, as transformers' own
     convert_to_rgb does."""
     if isinstance(image, str):
+        path = image
         try:
-            image = Image.open(image)
+            image = Image.open(path)
             image.load()
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"cannot read image {image}: {e}") from None
+        except (OSError, SyntaxError, ValueError) as e:  # the file, not the PIL object, named
+            raise ValueError(f"cannot read image {path}: {e}") from None
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale to 8 bits, not clip
         image = image.point(lambda v: v / 256).convert("L")
     if "A" in image.getbands() or "transparency" in image.info:
@@ -94,22 +141,15 @@ def load_image(image):
 
 
 def check_image(path):
-    """Why the image file `path` cannot be used, or None. Reads the header (format, size) and
-    the last bytes: a file cut short (an interrupted download or unzip) lacks the JPEG or PNG
-    end marker and is then decoded to be sure; other formats are always decoded. About as
-    cheap as opening the file, where decoding costs 20-40 times more; a file that is complete
-    but damaged inside fails when a batch loads it, and load_image names it."""
+    """Why the image file `path` cannot be used, or None. It is decoded whole, as a batch
+    would (a file cut short or damaged inside, a PNG whose data is broken though its end marker
+    is intact, fails here, before step 1, not mid-run), after its header has been read to refuse
+    a decompression bomb without decoding it."""
     try:
         with Image.open(path) as im:
             if im.width * im.height > MAX_PIXELS:
                 return f"is {im.width}x{im.height}, over the {MAX_PIXELS / 1e6:.1f} MP limit"
-            end = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}.get(im.format)
-            with open(path, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 16))
-                complete = end is not None and f.read().endswith(end)
-            if not complete:
-                im.draft("RGB", (1, 1))  # a JPEG decodes at 1/8 scale, still reading every byte
-                im.load()
+            im.load()
     except Image.DecompressionBombError as e:
         return f"is over the {MAX_PIXELS / 1e6:.1f} MP limit ({str(e).split(',')[0]})"
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -117,22 +157,53 @@ def check_image(path):
     return None
 
 
-def check_images(paths, threads=16, block=1024):
+CHECKED = os.path.join("runs", "cache", "images")  # check_images' verdicts, per data file
+
+
+def check_images(paths, threads=16, block=1024, memo=None):
     """{path: why not} for the unusable ones among `paths` (check_image), each distinct file
-    checked once, in threads (file reads and decoding release the GIL); a long pass prints
-    its progress."""
-    todo = sorted(set(paths))
+    decoded once, in threads (decoding releases the GIL); a long pass prints its progress.
+    memo: a JSON file of verdicts, each under a hash of the file's path, size, mtime, ctime and
+    inode (ctime moves with any write), saved as the pass goes: a rerun or a --resume decodes
+    only new or changed files, and a killed pass keeps what it checked."""
+    import stages  # which imports this module
+    todo, verdicts = sorted(set(paths)), {}
+    if memo:
+        stages.remove_stale_temp(os.path.dirname(memo))
+        try:
+            verdicts = dict(json.loads(read_text(memo)))
+        except (OSError, ValueError, TypeError):  # none yet, or not ours: check again
+            pass
+    stamps = {p: file_stamp(p) for p in todo}
+    bad = {p: verdicts[stamps[p]] for p in todo if verdicts.get(stamps[p])}
+    todo = [p for p in todo if stamps[p] not in verdicts]
     blocks = [todo[s:s + block] for s in range(0, len(todo), block)]
-    bad, done, t0, shown = {}, 0, time.time(), time.time()
+    done, t0, shown, saved = 0, time.time(), time.time(), time.time()
     with concurrent.futures.ThreadPoolExecutor(min(threads, os.cpu_count() or 1)) as pool:
         for part, reasons in zip(blocks, pool.map(lambda b: list(map(check_image, b)), blocks)):
             bad.update((p, why) for p, why in zip(part, reasons) if why)
+            verdicts.update((stamps[p], why or "") for p, why in zip(part, reasons) if stamps[p])
             done += len(part)
             if time.time() - shown > 20:
                 print(f"checking images: {done:,} of {len(todo):,} ({time.time() - t0:.0f}s)",
                       flush=True)
                 shown = time.time()
+            if memo and (time.time() - saved > 60 or done == len(todo)):
+                try:
+                    stages.save_atomic(memo, json.dumps(verdicts))
+                except SystemExit as e:  # a full disk: checked again next time
+                    print(f"warning: {e}", flush=True)
+                saved = time.time()
     return bad
+
+
+def file_stamp(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # gone: check_image says so
+    key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 def require_images(located):
@@ -150,8 +221,8 @@ def read_nli(path):
     [{'sent0', 'sent1'[, 'hard_neg']}]."""
     if str(path).endswith((".jsonl", ".json")):
         rows = read_records(path)
-    else:
-        reader = csv.DictReader(read_lines(path))
+    else:  # the csv module finds the line ends: a quoted field may hold any character
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
         if not reader.fieldnames or not {"sent0", "sent1"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: header must have sent0,sent1[,hard_neg], "
                              f"found {reader.fieldnames}")
@@ -163,6 +234,8 @@ def read_nli(path):
         if bad or None in row:
             raise ValueError(f"{path}, row {n}: missing or empty {bad or 'columns'} "
                              f"(expected sent0, sent1[, hard_neg])")
+        for k in keys:  # stage 1 is text only: an image tag here would expect an image
+            require_image_for_tags(row[k], False, f"{path}, row {n}", k)
         out.append({k: row[k] for k in keys})
     if not out:
         raise ValueError(f"{path}: no rows")
@@ -174,13 +247,14 @@ def read_nli(path):
 MMEB_TRAIN_KEYS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 
 
-def read_mmeb_train(path, image_root="", skip_bad=False):
+def read_mmeb_train(path, image_root="", skip_bad=False, memo_dir=CHECKED):
     """MMEB-train rows (`qry, qry_image_path, pos_text, pos_image_path`) -> ([{'qry',
     'qry_image', 'pos', 'pos_image'}], [why each skipped row was skipped]). The texts are MMEB's
     prompts with `<|image_1|>`; an empty path is a side without an image, a missing key an
     error (the published files always have all four: another schema is no silent text-only
-    run). A missing or unusable image (check_image) is an error naming the file and row, or
-    with skip_bad the row is dropped and its reason kept."""
+    run), so is a field that is not text or an image tag without its image. A missing or
+    unusable image (check_image, decoded whole; verdicts kept in memo_dir) is an error naming
+    the file and row, or with skip_bad the row is dropped and its reason kept."""
     found, skipped = [], []
     for n, r in read_records(path):
         where = f"{path}, row {n}"
@@ -188,19 +262,27 @@ def read_mmeb_train(path, image_root="", skip_bad=False):
             raise ValueError(f"{where}: no {', '.join(k for k in MMEB_TRAIN_KEYS if k not in r)}"
                              f" (MMEB-train rows have {', '.join(MMEB_TRAIN_KEYS)}; an empty "
                              f"path means no image)")
-        if not r["qry"] or not (r["pos_text"] or r["pos_image_path"]):
+        qry, pos = text_field(r, "qry", where), text_field(r, "pos_text", where, empty=True)
+        paths = {side: text_field(r, f"{side}_image_path", where, empty=True)
+                 for side in ("qry", "pos")}
+        if not (pos or paths["pos"]):
             raise ValueError(f"{where}: needs qry and pos_text or pos_image_path")
+        require_image_for_tags(qry, paths["qry"], where, "qry", "qry_image_path")
+        require_image_for_tags(pos, paths["pos"], where, "pos_text", "pos_image_path")
         try:
-            images = {side: image_path(r[f"{side}_image_path"], image_root, where)
-                      if r[f"{side}_image_path"] else None for side in ("qry", "pos")}
+            images = {side: image_path(paths[side], image_root, where) if paths[side] else None
+                      for side in ("qry", "pos")}
         except FileNotFoundError as e:
             if not skip_bad:
                 raise FileNotFoundError(f"{e}; or pass --skip-missing-images") from None
             skipped.append(str(e))
             continue
-        found.append((where, {"qry": r["qry"], "pos": r["pos_text"] or "",
+        found.append((where, {"qry": qry, "pos": pos,
                               "qry_image": images["qry"], "pos_image": images["pos"]}))
-    bad = check_images([r[k] for _, r in found for k in ("qry_image", "pos_image") if r[k]])
+    memo = memo_dir and os.path.join(memo_dir, hashlib.sha256(
+        os.path.realpath(path).encode()).hexdigest()[:16] + ".json")
+    bad = check_images([r[k] for _, r in found for k in ("qry_image", "pos_image") if r[k]],
+                       memo=memo)
     rows = []
     for where, r in found:
         why = [f"{where}: image {r[k]} {bad[r[k]]}" for k in ("qry_image", "pos_image")
@@ -228,6 +310,12 @@ def read_mmeb_eval(path, image_root=""):
             raise ValueError(f"{where}: tgt_text and tgt_img_path must be non-empty lists of "
                              f"the same length")
         sides = [(r["qry_text"], r["qry_img_path"])] + list(zip(texts, paths))
+        for i, (t, p) in enumerate(sides):
+            key = "qry" if i == 0 else f"tgt[{i - 1}]"
+            if not all(x is None or isinstance(x, str) for x in (t, p)):
+                raise ValueError(f"{where}: {key} text or image path is not text ({t!r:.40}, "
+                                 f"{p!r:.40})")
+            require_image_for_tags(t, p, where, f"{key} text", f"{key} image path")
         if any(not (t or p) for t, p in sides):
             raise ValueError(f"{where}: an input has neither text nor image")
         inputs = [(None, image_path(p, image_root, where) if p else None, t or "")

@@ -5,6 +5,7 @@ the teacher's in-batch similarity matrix. Only n x n matrices are compared, so t
 and the student's embedding sizes need not match. Teacher embeddings are computed offline once.
 """
 import hashlib
+import json
 import os
 import time
 
@@ -64,12 +65,30 @@ def load_teacher(name=MINILM, device="cpu", dtype=torch.float32,
     return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
 
 
+def cut_texts(tokenizer, texts, max_tokens):
+    """Each text cut at its end to `max_tokens` tokens of `tokenizer` (a processor's; special
+    tokens and the prompt around it not counted), as a tokenizer's truncation=True cuts. The
+    paper sets no limit for stage 1; without one, one 3,000-word row made a toy step take 5 GB
+    and 53 s. The student and the teacher cut by this rule, each counting its own tokens."""
+    tokenizer, out = getattr(tokenizer, "tokenizer", tokenizer), list(texts)
+    for i, text in enumerate(out if max_tokens else []):
+        if len(text.encode()) <= max_tokens:  # a token holds at least a byte: short enough
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_tokens:
+            out[i] = tokenizer.decode(ids[:max_tokens])
+    return out
+
+
 @torch.no_grad()
 def teacher_embed(model, tokenizer, texts, pooling="mean", batch_size=128, device="cpu",
-                  max_length=256):
+                  max_tokens=None, report=None):
     """(n, d_t) L2-normalized teacher embeddings. pooling: mean (sentence-transformers),
-    cls, last (decoder embedders), or nv-embed (NV-Embed-v2's own `encode`, remote code)."""
-    out, report = [], M.progress("teacher embeddings", len(texts))
+    cls, last (decoder embedders), or nv-embed (NV-Embed-v2's own `encode`, remote code).
+    Texts are cut to max_tokens (cut_texts); report(k) is told how many are done."""
+    out, report = [], report or M.progress("teacher embeddings", len(texts))
+    texts = cut_texts(tokenizer, texts, max_tokens)
+    max_length = min(tokenizer.model_max_length, max_tokens + 8) if max_tokens else 256
     for s in range(0, len(texts), batch_size):
         report(s)
         chunk = texts[s:s + batch_size]
@@ -94,7 +113,21 @@ def teacher_embed(model, tokenizer, texts, pooling="mean", batch_size=128, devic
     return torch.cat(out)
 
 
-# ---------------------------------------------------------------- the offline cache
+CACHE = os.path.join("runs", "cache")
+
+
+def teacher_identity(name):
+    """The teacher by the content of its files (stages.model_identity: a folder, the offline
+    MiniLM, or a hub id's downloaded snapshot), so a folder whose weights were replaced is
+    another teacher; None for a hub id not downloaded yet."""
+    identity = stages.model_identity(teacher_path(name))
+    return None if identity.startswith("hub:") else identity
+
+
+# ---------------------------------------------------------------- the offline cache, in shards
+
+SHARD = 8192  # texts per shard: a killed teacher pass loses at most one shard's work
+
 
 def texts_hash(texts):
     h = hashlib.sha256()
@@ -103,39 +136,78 @@ def texts_hash(texts):
     return h.hexdigest()
 
 
-def load_teacher_cache(path, texts, teacher, pooling):
-    """The cached (n, d_t) matrix whose row i embeds texts[i]; refuses a cache made from other
-    texts, by another teacher or with another pooling (each would silently misalign the
-    distillation targets)."""
+def read_shard(path, key, n):
+    """A shard's (n, d_t) embeddings, refused unless it was made with `key` (the teacher's
+    identity, pooling, text cut and texts) and holds n rows: another key would silently
+    misalign the distillation targets."""
     try:
-        cache = torch.load(path, map_location="cpu", weights_only=True)
-        made = (cache["teacher"], cache["pooling"], cache["texts_hash"])
-    except Exception as e:  # a torn, foreign or older file
-        raise ValueError(f"{path}: not a teacher cache of this code ({type(e).__name__}); "
-                         f"delete it to recompute") from None
-    if made[:2] != (teacher, pooling):
-        raise ValueError(f"{path}: teacher cache was made by {made[0]!r} with {made[1]!r} "
-                         f"pooling, not {teacher!r} with {pooling!r}; delete it or point "
-                         f"--teacher-cache elsewhere")
-    if made[2] != texts_hash(texts):
-        raise ValueError(f"{path}: teacher cache was made from other texts "
-                         f"({cache['n']} rows); delete it to recompute")
-    return cache["embeddings"]
-
-
-def teacher_embeddings(texts, teacher, cache_path, pooling="mean", device="cpu",
-                       trust_remote_code=False, batch_size=128):
-    """Embed `texts` with the teacher once; later calls read the cache."""
-    if os.path.exists(cache_path):
-        return load_teacher_cache(cache_path, texts, teacher, pooling)
-    model, tokenizer = load_teacher(teacher, device, trust_remote_code=trust_remote_code)
-    emb = teacher_embed(model, tokenizer, texts, pooling, batch_size, device)
-    try:
-        stages.save_atomic(cache_path, {"teacher": teacher, "pooling": pooling, "n": len(texts),
-                                   "texts_hash": texts_hash(texts), "embeddings": emb})
-    except SystemExit as e:  # a full disk: this run keeps the teacher's work all the same
-        print(f"warning: {e}; continuing without a cache", flush=True)
+        shard = torch.load(path, map_location="cpu", weights_only=True)
+        made, emb = dict(shard["key"]), shard["embeddings"]
+    except Exception as e:  # a foreign or older file (save_atomic never leaves a torn one)
+        raise ValueError(f"{path}: not a teacher cache shard of this code "
+                         f"({type(e).__name__}); delete it to recompute") from None
+    differ = [k for k in key if made.get(k) != key[k]]
+    if differ:
+        k = differ[0]
+        why = {"identity": f"by {key['teacher']} as its files were then; they have changed",
+               "texts": "from other texts"}.get(k, f"with {k} {made.get(k)!r}, not {key[k]!r}")
+        raise ValueError(f"{path}: teacher cache made {why}; delete its folder to recompute, "
+                         f"or point --teacher-cache elsewhere")
+    if len(emb) != n:
+        raise ValueError(f"{path}: {len(emb)} rows where {n} belong; delete it to recompute")
     return emb
+
+
+def teacher_embeddings(texts, teacher, cache=None, pooling="mean", device="cpu",
+                       trust_remote_code=False, batch_size=128, max_tokens=None):
+    """(n, d_t) teacher embeddings of `texts`, computed offline once (§3.2), kept on the CPU
+    (pinned for a CUDA device: each step copies only its own rows). `cache` is a folder of
+    shards of SHARD texts, each written atomically once computed, so a killed pass resumes
+    from the last one. It is keyed by the teacher's files (teacher_identity), the pooling, the
+    text cut and the texts; the default folder is named by that key, so a changed teacher gets
+    a new one, and a given folder made otherwise is refused."""
+    t0, loaded, identity = time.time(), None, teacher_identity(teacher)
+    if identity is None:  # a hub id: downloaded (loaded) first, then known by its files
+        loaded = load_teacher(teacher, device, trust_remote_code=trust_remote_code)
+        identity = teacher_identity(teacher) or teacher
+    key = {"teacher": teacher, "identity": identity, "pooling": pooling,
+           "max_tokens": max_tokens, "texts": texts_hash(texts), "n": len(texts), "shard": SHARD}
+    cache = cache or os.path.join(CACHE, "-".join([
+        "teacher", teacher.replace("/", "_"), pooling,
+        hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]]))
+    if os.path.exists(cache) and not os.path.isdir(cache):
+        raise ValueError(f"{cache}: not a teacher cache of this code (a file, where the cache is "
+                         f"a folder of shards); delete it to recompute")
+    made, writing, computed = not os.path.exists(cache), True, 0
+    stages.remove_stale_temp(cache)  # a shard a killed pass was writing
+    out, report = None, M.progress("teacher embeddings", len(texts))
+    try:
+        for s in range(0, len(texts), SHARD):
+            path, n = os.path.join(cache, f"shard-{s:010d}.pt"), min(SHARD, len(texts) - s)
+            if os.path.exists(path):
+                emb = read_shard(path, key, n)
+            else:
+                loaded = loaded or load_teacher(teacher, device,
+                                                trust_remote_code=trust_remote_code)
+                emb = teacher_embed(*loaded, texts[s:s + n], pooling, batch_size, device,
+                                    max_tokens, lambda k: report(s + k))
+                computed += 1
+                try:
+                    stages.save_atomic(path, {"key": key, "embeddings": emb}) if writing else None
+                except SystemExit as e:  # a full disk: this run keeps the teacher's work
+                    print(f"warning: {e}; continuing without a cache for the rest", flush=True)
+                    writing = False
+            if out is None:  # pinned: a step's rows go to the GPU without staging
+                out = torch.empty(len(texts), emb.shape[1],
+                                  pin_memory=torch.device(device).type == "cuda")
+            out[s:s + n] = emb
+    finally:
+        if made and os.path.isdir(cache) and not os.listdir(cache):
+            os.rmdir(cache)  # the folder this call made, still empty
+    print(f"teacher embeddings: {len(texts)} texts, {out.shape[1]}-d, {time.time() - t0:.1f}s "
+          f"({computed} of {-(-len(texts) // SHARD)} shards computed now; cache {cache})",
+          flush=True)
+    return out
 
 
 def unique_texts(rows, keys=("sent0", "sent1", "hard_neg")):
@@ -151,24 +223,19 @@ def unique_texts(rows, keys=("sent0", "sent1", "hard_neg")):
 
 
 def teacher_targets(args, source, device):
-    """train.py's stage 1: the teacher's embeddings of every distinct sentence, computed offline once
-    (§3.2) and cached, and per side the teacher row of each data row (shuffle-safe)."""
+    """train.py's stage 1: the teacher's embeddings of every distinct sentence (on the CPU;
+    each step moves its own rows), computed offline once (§3.2) and cached, and per side the
+    teacher row of each data row (shuffle-safe)."""
     keys = ("sent0", "sent1") + (("hard_neg",) if args.hard_negatives else ())
     rows = source["rows"](range(source["n_rows"]))
     texts, index = unique_texts(rows + source["heldout"], keys)
-    cache = args.teacher_cache or os.path.join("runs", "cache", "teacher-" + "-".join(
-        [args.teacher.replace("/", "_"), args.teacher_pooling,
-         texts_hash(texts)[:12]]) + ".pt")
-    t0 = time.time()
     try:
-        teacher = teacher_embeddings(texts, args.teacher, cache, args.teacher_pooling,
-                                             device, args.trust_remote_code)
+        teacher = teacher_embeddings(texts, args.teacher, args.teacher_cache,
+                                     args.teacher_pooling, device, args.trust_remote_code,
+                                     max_tokens=args.max_text_tokens)
     except ValueError as e:  # e.g. a cache of other texts, teacher or pooling, or not a cache
         raise SystemExit(f"teacher {args.teacher}: {e}") from None
-    print(f"teacher embeddings: {len(texts)} texts, {teacher.shape[1]}-d, "
-          f"{time.time() - t0:.1f}s (cache {cache})", flush=True)
-    return teacher.to(device), index, {k: torch.tensor([index[r[k]] for r in rows])
-                                       for k in keys}
+    return teacher, index, {k: torch.tensor([index[r[k]] for r in rows]) for k in keys}
 
 
 # ---------------------------------------------------------------- how well the student agrees
@@ -199,13 +266,16 @@ def teacher_agreement(student_a, student_p, teacher_a, teacher_p):
             "teacher_t2t_R@1": strict_hits(t).float().mean().item()}
 
 
-def teacher_report(teacher, index, pairs, device, amp, names=("the student", "the teacher")):
-    """Stage 1's held-out numbers: agreement with the teacher on pairs it never trained on.
-    NaN or inf embeddings of either (names: student, teacher) stop the run, never scored."""
+def teacher_report(teacher, index, pairs, device, amp, names=("the student", "the teacher"),
+                   max_tokens=None):
+    """Stage 1's held-out numbers: agreement with the teacher on pairs it never trained on,
+    their texts cut as in training (cut_texts). NaN or inf embeddings of either (names:
+    student, teacher) stop the run, never scored."""
     def report(model, processor, family):
         def student(key):
-            return M.require_finite(M.encode(model, processor, family, texts=[
-                r[key] for r in pairs], device=device, amp=amp), names[0])
+            texts = cut_texts(processor, [r[key] for r in pairs], max_tokens)
+            return M.require_finite(M.encode(model, processor, family, texts=texts, device=device,
+                                             amp=amp), names[0])
         teacher_rows = lambda key: M.require_finite(  # noqa: E731
             teacher[[index[r[key]] for r in pairs]].cpu(), names[1])
         return teacher_agreement(student("sent0"), student("sent1"),

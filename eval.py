@@ -153,6 +153,8 @@ class EmbeddingCache:
         self.model_id, self.vectors, self.block, self.hashes = model_id, {}, block, {}
         digest = hashlib.sha256(model_id.encode()).hexdigest()[:16]
         self.dir = os.path.join(cache_dir, digest) if cache_dir else None
+        if self.dir:  # a shard being written when its writer was killed
+            stages.remove_stale_temp(self.dir)
         for name in sorted(os.listdir(self.dir)) if self.dir and os.path.isdir(self.dir) else []:
             if name.endswith(".pt"):
                 try:

@@ -311,6 +311,8 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
     if not chain:
         raise SystemExit(f"{run} is not a finished stage output of train.py (no unime.json)")
     previous = check_out(out, overwrite)
+    parent, name = os.path.split(os.path.abspath(out))
+    stages.remove_stale_temp(parent)  # what an export killed while writing left
     model, processor, family = stages.load_embedder(run, "cpu", torch.float32, trust_remote_code,
                                                     merge=False)
     require_finite_weights(model, run)
@@ -343,10 +345,11 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
                        "paths": sorted(files_under(folder) + [MANIFEST])}, f)
     if not previous:
         return stages.save_atomic(out, write)  # an empty or absent `out`: one rename
-    # an earlier export: the new one is complete beside it before the two are swapped
-    parent, name = os.path.split(os.path.abspath(out))
-    new = stages.save_atomic(os.path.join(parent, f".{name}.new-{uuid.uuid4().hex[:8]}"), write)
-    old = tempfile.mkdtemp(dir=parent, prefix=".old-")
+    # an earlier export: the new one is complete beside it before the two are swapped (both
+    # under temporary names a later start removes if this one is killed)
+    temp = stages.TEMP.format(os.getpid())
+    new = stages.save_atomic(os.path.join(parent, temp + uuid.uuid4().hex[:8]), write)
+    old = tempfile.mkdtemp(dir=parent, prefix=temp)
     os.replace(out, os.path.join(old, "export"))
     try:
         os.replace(new, out)

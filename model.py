@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import data
 import families
 
+
 # ---------------------------------------------------------------- loading any MLLM
 
 def load_mllm(name_or_path, dtype=torch.float32, device="cpu", trust_remote_code=False,

@@ -13,17 +13,24 @@ import hashlib
 import json
 import os
 import random
-import shutil
+import shlex
+import signal
 import socket
+import sys
+import tempfile
+import threading
+import time
 
 import torch
+import torch.distributed as dist
 
 import stages
 
 RUN_FILES = ("checkpoint.pt", "log.jsonl", "adapter.pt", "unime.json")
 MANIFEST = "run-files.json"  # the files runs of train.py wrote in --out
 NOT_COMPARED = ("out", "resume", "overwrite", "log_every", "save_every", "workers", "device",
-                "chunk_size", "gradient_checkpointing")  # may change when a run is resumed
+                "chunk_size", "gradient_checkpointing",  # may change when a run is resumed
+                "save_minutes", "skip_missing_images")  # a resume may skip what broke it
 
 
 # ---------------------------------------------------------------- checkpoints, resumed exactly
@@ -35,18 +42,14 @@ def run_config(args):
     return {**config, "model_identity": stages.model_identity(args.model)}
 
 
-def data_content(args, source):
-    """The data a run trains on, by content (train.py stores it in args.data_content): the rows
-    read (their count and a hash) and each --data file's sha256, which names what changed. None
-    for the toy, whose rows follow from --seed. Measured on 2 busy cores: 4-7 us a row, 5.6 s
-    for 1.3M MMEB-train-like rows (a file's sha256 is cached as a model file's is)."""
+def data_content(args):
+    """The data a run trains on, by content (train.py stores it in args.data_content): each
+    --data file's sha256 (stages.file_digest: read once, then remembered by the file's stat), so
+    --resume on edited files is refused. Rows later skipped for a broken image do not count:
+    a resume may add --skip-missing-images. None for the toy, whose rows follow from --seed."""
     if not getattr(args, "data", None):
         return None
-    rows, h = source["rows"](range(source["n_rows"])) + list(source["heldout"]), hashlib.sha256()
-    for s in range(0, len(rows), 10_000):  # the fields in order; repr is 3x faster than JSON
-        h.update(repr(rows[s:s + 10_000]).encode())
-    return {"rows": len(rows), "rows_sha256": h.hexdigest(),
-            "files": {p: stages.file_digest(p) for p in args.data.split(",") if os.path.isfile(p)}}
+    return {p: stages.file_digest(p) for p in args.data.split(",") if os.path.isfile(p)}
 
 
 def save(out, model, opt, step, generator, config):
@@ -74,20 +77,12 @@ def read(out, config):
         raise SystemExit(f"--resume: {path} is not a checkpoint of train.py "
                          f"({type(e).__name__}): damaged, or holding objects other than "
                          f"tensors and plain values (those are never unpickled)") from None
-    if "data_content" not in made:  # an older version's: no content identities to compare
-        print(f"warning: {path} is an older version's; its model and data are not checked")
-        made = {**made, **{k: config.get(k) for k in ("data_content", "model_identity")}}
-    rows = lambda content: content and (content["rows"], content["rows_sha256"])  # noqa: E731
-    if rows(made.get("data_content")) == rows(config.get("data_content")):  # files may differ
-        made = {**made, "data_content": config.get("data_content")}  # in bytes, not in rows
     differ = [k for k in sorted(set(config) | set(made)) if config.get(k) != made.get(k)]
-    if "data_content" in differ and "data" not in differ:  # the same --data, other rows
-        then, now = made["data_content"], config["data_content"]
-        files = [p for p, digest in now["files"].items() if then["files"].get(p) != digest]
+    if "data_content" in differ and "data" not in differ:  # the same --data, other contents
+        then, now = made["data_content"] or {}, config["data_content"] or {}
         raise SystemExit(f"--resume: the data changed since {path} was written: "
-                         f"{', '.join(files) or 'the same files, other rows read'} ("
-                         f"{then['rows']} rows then, {now['rows']} now); restore the data it "
-                         f"trained on, or start a new run")
+                         f"{', '.join(p for p in now if then.get(p) != now[p])}; restore the "
+                         f"data it trained on, or start a new run")
     if differ:
         k = differ[0]
         raise SystemExit(f"--resume: {path} was made with {k}={made.get(k)!r}, this "
@@ -138,7 +133,7 @@ def claim(args):
                          f"would replace them; move them away, or choose another --out")
     if args.resume and "checkpoint.pt" not in present:
         raise SystemExit(f"--resume: {os.path.join(args.out, 'checkpoint.pt')} does not exist")
-    os.makedirs(out, exist_ok=True)
+    require_writable(out, "--out " + args.out)
     lock = take_lock(os.path.join(out, ".lock"), args.out)
     try:
         if args.resume:  # a missing or different checkpoint is refused now, not after the
@@ -146,14 +141,9 @@ def claim(args):
     except BaseException:
         release(lock)
         raise
-    if ours and recorded_files(out) is None:  # a folder of an older version gets its record
-        record(out, ours)
     if args.overwrite and "unime.json" in ours:
         os.remove(os.path.join(out, "unime.json"))
-    for f in os.listdir(out):  # save_atomic's temporary files and folders, left by a killed run
-        if f.startswith(".tmp-"):
-            path = os.path.join(out, f)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    stages.remove_stale_temp(out, locked=True)  # what a run killed while writing left
     return lock
 
 
@@ -186,37 +176,16 @@ def record(out, names):
 
 def own_files(out, present):
     """(the runs' files among `present`, the others). The runs' are those run-files.json names;
-    in a folder from before it, train.py's own files recognised by content (made_by_train). A
-    symbolic link is never a run's: nothing is written through one."""
+    a folder from an older version, without it, holds none. A symbolic link is never a run's:
+    nothing is written through one."""
     recorded, ours, foreign = recorded_files(out), [], []
     for f in present:
         path = os.path.join(out, f)
         mine = not os.path.islink(path) and (
-            f == MANIFEST or (f in recorded if recorded is not None else made_by_train(path)))
+            f == MANIFEST or f in (recorded or ()))
         (ours if mine else foreign).append(f)
     return ours, foreign
 
-
-def made_by_train(path):
-    """Is `path` a file train.py writes, judged by its content: a checkpoint's keys, an
-    adapter's LoRA tensors, unime.json's fields, a log of steps (its last line may be torn)."""
-    name = os.path.basename(path)
-    try:
-        if name in ("checkpoint.pt", "adapter.pt"):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            return isinstance(obj, dict) and bool(obj) and (
-                {"trainable", "optimizer", "step", "config", "rng"} <= set(obj)
-                if name == "checkpoint.pt" else
-                all(str(k).endswith(("lora_A", "lora_B")) for k in obj))
-        with open(path, encoding="utf-8") as f:
-            if name == "unime.json":
-                return {"stage", "family", "lora", "id", "init", "init_identity"} <= set(
-                    json.load(f))
-            lines = f.read().splitlines() if name == "log.jsonl" else None
-    except Exception:  # unreadable, not a dict, not tensors only: not train.py's
-        return False
-    good = [line.startswith('{"step": ') and '"loss": ' in line for line in lines or []]
-    return lines is not None and (all(good) or (len(good) > 1 and all(good[:-1])))
 
 
 def save_output(out, model, processor, init, stage, family, lora):
@@ -304,3 +273,104 @@ def open_log(out, start):
             continue
     stages.save_atomic(path, "".join(kept))
     return open(path, "a", encoding="utf-8", buffering=1)
+
+
+# ---------------------------------------------------------------- nothing lost
+
+def require_writable(folder, name):
+    """Make `folder`, and stop in one line unless it can hold a run: writable (not a
+    read-only disk, not another user's) and on a filesystem with flock (some network mounts
+    have none), which the run's lock needs. `name` says what the folder is (a flag)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=stages.TEMP.format(os.getpid()))
+    except OSError as e:
+        raise SystemExit(f"{name}: cannot write there ({e.strerror or e}); choose a folder "
+                         f"you can write to") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError as e:
+        raise SystemExit(f"{name}: its filesystem has no file locks (flock: {e.strerror or e}),"
+                         f" which keep a second run out of a folder; choose a folder on a "
+                         f"local disk") from None
+    finally:
+        os.close(fd)
+        os.remove(probe)
+
+
+def worker_init(lock, worker_id=None):
+    """A DataLoader worker: drop the run's lock (close_in_worker) and leave SIGINT and SIGTERM
+    to the run, which finishes its step and saves (Cadence); a worker killed by them would make
+    the loader raise in the middle of that step. Workers end with the run."""
+    close_in_worker(lock, worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def resume_command(argv):
+    """The command that continues the run started with `argv` (train.py's arguments)."""
+    argv = [a for a in argv if a != "--overwrite"]
+    return shlex.join(["python", "train.py", *argv] + ([] if "--resume" in argv else
+                                                       ["--resume"]))
+
+
+class Cadence:
+    """When the loop writes its checkpoint: every --save-every steps, every --save-minutes of
+    wall time, at the last step, and at the first step boundary after SIGTERM (what a cluster
+    scheduler sends) or SIGINT (Ctrl-C); after a signal the run then stops with exit code
+    128 + its number and prints the command that resumes it. A second signal stops at once
+    (the step in progress is lost; the last checkpoint stays good). The signal handlers are
+    the run's only while its steps run (`steps`)."""
+
+    def __init__(self, args, argv, world=1, device="cpu"):
+        self.args, self.argv, self.world, self.device = args, argv, world, device
+        self.signum, self.last, self.previous = None, time.monotonic(), {}
+
+    def steps(self, start):
+        """The loop's steps, range(start, --max-steps), with SIGTERM and SIGINT noted while
+        it runs (the handlers before it come back when it ends, however it ends)."""
+        if threading.current_thread() is threading.main_thread():  # where Python allows it
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.previous[s] = signal.signal(s, self.note)
+        try:
+            yield from range(start, self.args.max_steps)
+        finally:
+            self.restore()
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def note(self, signum, frame):
+        if self.signum is not None:  # asked twice: now
+            self.restore()
+            raise SystemExit(f"{signal.Signals(signum).name} again: stopped at once; the last "
+                             f"checkpoint in {self.args.out} stays good")
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def after_step(self, step, save=None):
+        """Call on every process after each step; `save` writes the checkpoint (the main
+        process gives it, the others None). Raises SystemExit after a signal."""
+        signum = self.signum or 0
+        if self.world > 1:  # stop together: a process left alone would wait forever
+            flag = torch.tensor([signum], device=self.device)  # NCCL reduces on the GPU
+            dist.all_reduce(flag, dist.ReduceOp.MAX)
+            signum = int(flag)
+        a = self.args
+        minutes = a.save_minutes and time.monotonic() - self.last >= a.save_minutes * 60
+        if save and (signum or minutes or step % a.save_every == 0 or step == a.max_steps):
+            save()
+            self.last = time.monotonic()
+        if not signum:
+            return
+        if self.world > 1:
+            dist.barrier()  # the checkpoint is written before any process exits
+        if save:
+            print(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint "
+                  f"{os.path.join(a.out, 'checkpoint.pt')}. Continue with:\n  "
+                  f"{resume_command(self.argv)}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)

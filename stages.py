@@ -7,14 +7,17 @@ their files, so a changed or copied-and-edited model is never taken for another.
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import uuid
 
 import torch
 
 import model as M
 
+TEMP = ".tmp-unime_{}_" + os.uname()[1].replace("_", "-") + "_"  # pid, host: remove_stale_temp
 
 # ---------------------------------------------------------------- the one atomic writer
 
@@ -30,10 +33,10 @@ def save_atomic(path, obj):
     try:
         os.makedirs(parent, exist_ok=True)
         if callable(obj):
-            tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+            tmp = tempfile.mkdtemp(dir=parent, prefix=TEMP.format(os.getpid()))
             obj(tmp)
         else:
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=TEMP.format(os.getpid()))
             data = obj.encode() if isinstance(obj, str) else obj
             with os.fdopen(fd, "wb") as f:
                 f.write(data) if isinstance(data, bytes) else torch.save(data, f)
@@ -73,6 +76,59 @@ def save_pretrained(out, model, processor, before_rename=None):
     return save_atomic(out, fill)
 
 
+TEMP_NAME = re.compile(r"\.tmp-unime_(\d+)_([^_]+)_[a-z0-9_]{8}$")  # TEMP + mkstemp's
+OLD_TEMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}$")  # save_atomic's names before it
+STALE_AFTER = 24 * 3600  # s: a temporary entry of another host untouched this long is a leftover
+
+
+def remove_stale_temp(folder, locked=False):
+    """Remove from `folder` the temporary files and folders this project's writers
+    (save_atomic: files and folders) left when they were killed: names of
+    TEMP whose writer is no longer running on this host, or from another host
+    untouched for a day. With locked=True (a run folder whose lock this process holds: no one
+    else writes there) every one of them, older names included. Nothing else is touched: not
+    another program's file, not a write in progress. Called when the owner of a folder starts
+    (a run, the teacher pass, the image checks, an export)."""
+    entries = os.listdir(folder) if os.path.isdir(folder) else []
+    here = TEMP.split("_")[2]  # this host
+    for name in entries:
+        path, ours = os.path.join(folder, name), TEMP_NAME.match(name)
+        if not (ours or locked and OLD_TEMP_NAME.match(name)):
+            continue
+        if not locked and not (ours[2] == here and not process_alive(int(ours[1])) or
+                               time.time() - last_touched(path) > STALE_AFTER):
+            continue
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)  # save_pretrained's or export's folder, and what it holds
+            else:
+                os.remove(path)  # a file, or a link itself (never what it points to)
+        except FileNotFoundError:  # removed meanwhile by another process's start
+            pass
+
+
+def process_alive(pid):
+    """Whether process `pid` runs on this host; this process counts as dead (its own writers
+    remove their temporary files when they fail, so one with its number is a leftover of an
+    earlier process that had the same number)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def last_touched(path):
+    times = [os.lstat(path).st_mtime]
+    for root, _, files in os.walk(path):  # a folder being written: its newest file
+        times += [os.lstat(os.path.join(root, f)).st_mtime for f in files]
+    return max(times)
+
+
 # ---------------------------------------------------------------- stage outputs and their chain
 
 def read_stage_meta(path):
@@ -81,8 +137,11 @@ def read_stage_meta(path):
     meta_path = os.path.join(str(path), "unime.json")
     if not os.path.isfile(meta_path):
         return None
-    with open(meta_path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # torn, not JSON, not UTF-8
+        raise SystemExit(f"{meta_path} is damaged ({e!r:.80}): restore it or train again") from None
 
 
 def stage_init(path, meta):

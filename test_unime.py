@@ -192,7 +192,7 @@ def test_teacher_rows_follow_sample_ids_through_shuffled_batches(tiny, tmp_path,
         return F.normalize(torch.randn(8, generator=torch.Generator().manual_seed(seed)), dim=0)
     monkeypatch.setattr(distill, "teacher_embeddings", lambda texts, *a, **k: torch.stack(
         [teacher_vector(t) for t in texts]))
-    args = types.SimpleNamespace(stage=1, hard_negatives=True, teacher="stand-in",
+    args = types.SimpleNamespace(max_text_tokens=None, stage=1, hard_negatives=True, teacher="stand-in",
                                  teacher_pooling="mean", teacher_cache=str(tmp_path / "t.pt"),
                                  trust_remote_code=False, batch_size=8, chunk_size=8, seed=3,
                                  max_steps=6)

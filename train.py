@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 
 import torch
@@ -88,6 +89,9 @@ class StepBatches(torch.utils.data.Dataset):
         sides = {}
         for side in SIDES[a.stage] + (("hard_neg",) if a.hard_negatives else ()):
             inputs = [pair_input(a.stage, r, side) for r in rows]
+            if a.stage == 1:  # each sentence cut to --max-text-tokens: memory stays bounded
+                texts = distill.cut_texts(self.processor, [x[0] for x in inputs], a.max_text_tokens)
+                inputs = [(t, None, None) for t in texts]
             sides[side] = [(idx, M.process(
                 self.processor, self.family, [inputs[i][0] for i in idx],
                 [self.image(inputs[i][1]) if inputs[i][1] else None for i in idx],
@@ -244,9 +248,10 @@ def add_trainable(model, family, args):
     return lora
 
 
-def train(args, source, rank=0, world=1, device="cpu", lock=None):
+def train(args, source, rank=0, world=1, device="cpu", lock=None, argv=None):
     """The UniME loop for either stage, in a claimed --out -> the held-out report before and
-    after ({} on other ranks than the first)."""
+    after ({} on other ranks than the first). argv: the command line, for the resume command
+    printed when a signal stops the run."""
     weights, amp = M.precision(device, args.dtype)
     report = source["report"]
     if args.stage == 1:  # first: a bad cache fails in seconds, and the teacher's memory
@@ -254,7 +259,7 @@ def train(args, source, rank=0, world=1, device="cpu", lock=None):
         teacher, index, teacher_rows = distill.teacher_targets(args, source, device)  # loads
         if source["heldout"]:
             report = distill.teacher_report(teacher, index, source["heldout"], device, amp, (
-                f"the student of {args.model}", f"teacher {args.teacher}"))
+                f"the student of {args.model}", f"teacher {args.teacher}"), args.max_text_tokens)
     model, processor, family = stages.load_embedder(args.model, device, weights,
                                                     args.trust_remote_code, args.family,
                                                     load_in_4bit=args.load_in_4bit)
@@ -273,19 +278,20 @@ def train(args, source, rank=0, world=1, device="cpu", lock=None):
         sampler=range(start, args.max_steps), num_workers=args.workers,
         prefetch_factor=1 if args.workers else None,  # an item is a whole step: 1 ahead each
         pin_memory=torch.device(device).type == "cuda",
-        worker_init_fn=functools.partial(runs.close_in_worker, lock),
+        worker_init_fn=functools.partial(runs.worker_init, lock),
         generator=torch.Generator()))  # its own: the global RNG (dropout) stays untouched
     log = runs.open_log(args.out, start) if rank == 0 else None
     history, t0 = [], time.time()
-    for step in range(start, args.max_steps):
+    cadence = runs.Cadence(args, sys.argv[1:] if argv is None else argv, world, device)
+    for step in cadence.steps(start):  # a checkpoint by steps, by minutes, and on SIGTERM
         lr = lr_at(step, args.lr, args.warmup, args.max_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         waited = time.time()
         batch = next(batches)  # this rank's rows of the global batch, processed per chunk
         waited = time.time() - waited  # > 0: the step waited for its inputs (--workers)
-        targets = {k: teacher[ids[batch["ids"]].to(device)]  # the teacher's rows, by row id
-                   for k, ids in teacher_rows.items()} if args.stage == 1 else None
+        targets = {k: teacher[ids[batch["ids"]]].to(device)  # the teacher's rows, by row id:
+                   for k, ids in teacher_rows.items()} if args.stage == 1 else None  # CPU matrix
         model.train()
         loss, grad_norm, stats = train_step(args, step, model, opt, batch, targets, generator,
                                             world, device, amp)
@@ -300,15 +306,15 @@ def train(args, source, rank=0, world=1, device="cpu", lock=None):
             hardneg.collapse_guard(history, args.k if args.loss == "unime" else
                                    (args.batch_size - 1) * math.exp(args.alpha or 0.0))
         if rank != 0:
+            cadence.after_step(step + 1)
             continue  # other ranks neither log nor save
         log.write(json.dumps(record) + "\n")
         if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
             eta = (args.max_steps - step - 1) * args.batch_size / rate
             print(f"step {step + 1}/{args.max_steps} loss {loss:.4f} lr {lr:.2e} grad "
                   f"{grad_norm:.3f} {rate:.0f} samples/s ETA {eta:.0f}s", flush=True)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
-            log.flush()
-            runs.save(args.out, model, opt, step + 1, generator, settings)
+        cadence.after_step(step + 1, lambda: (log.flush(), runs.save(
+            args.out, model, opt, step + 1, generator, settings)))  # stops after a signal
     if rank != 0:
         return {}
     log.close()
@@ -340,9 +346,9 @@ def main(argv=None):
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over the "
                          f"{world} processes")
-    args.data_content = runs.data_content(args, source)  # --resume refuses other rows
+    args.data_content = runs.data_content(args)  # --resume refuses other rows
     with runs.claimed(args) if rank == 0 else contextlib.nullcontext() as lock:
-        result = train(args, source, rank, world, device, lock)
+        result = train(args, source, rank, world, device, lock, argv)
     if result.get("before"):
         print(f"\nstage {args.stage}, held-out | before | after\n---|---|---")
         for key in result["before"]:

@@ -198,7 +198,8 @@ def test_every_file_of_a_run_and_an_evaluation_cache_has_the_usual_permissions(o
     cache.embed([("a", None, None)], lambda inputs: torch.ones(len(inputs), 2))
     folders = [outputs[k] for k in outputs] + [str(tmp_path / "cache")]
     files = [os.path.join(d, f) for top in folders for d, _, fs in os.walk(top) for f in fs]
-    files.append(os.path.join(os.path.dirname(outputs["s1"]), "t.pt"))  # the teacher cache
+    teacher = os.path.join(os.path.dirname(outputs["s1"]), "t.pt")  # the teacher cache's shards
+    files += [os.path.join(teacher, f) for f in os.listdir(teacher)]
     assert len(files) > 12
     for path in files:
         assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, path  # not mkstemp's 0600

@@ -18,6 +18,7 @@ import torch
 import export
 import families
 import model as M
+import stages
 import tiny_backbones as tiny
 
 st = pytest.importorskip("sentence_transformers",
@@ -72,7 +73,7 @@ def exported(tmp, init):
 
 
 def project_vectors(run, rows):
-    net, processor, family = M.load_embedder(run)
+    net, processor, family = stages.load_embedder(run)
     return M.embed_inputs(net.eval(), processor, family, rows)
 
 

@@ -215,23 +215,27 @@ def test_shipped_sugarcrepe_splits_are_the_seven_groups():
 # ---------------------------------------------------------------- the teacher and its cache
 
 def test_teacher_cache_refuses_other_texts_teacher_or_pooling(tmp_path):
-    path = str(tmp_path / "cache.pt")
+    path = str(tmp_path / "shard.pt")
     texts = ["a red circle", "a big blue square"]
     emb = F.normalize(torch.randn(2, 4), dim=-1)
-    stages.save_atomic(path, {"teacher": "T", "pooling": "mean", "texts_hash": distill.texts_hash(texts),
-                         "n": 2, "embeddings": emb})
-    assert torch.equal(distill.load_teacher_cache(path, texts, "T", "mean"), emb)
-    with pytest.raises(ValueError, match="other texts"):
-        distill.load_teacher_cache(path, ["a red circle", "a big blue cross"], "T", "mean")
-    with pytest.raises(ValueError, match="made by 'T'"):
-        distill.load_teacher_cache(path, texts, "U", "mean")
-    with pytest.raises(ValueError, match="'cls' pooling|with 'mean' pooling, not"):
-        distill.load_teacher_cache(path, texts, "T", "cls")
-    assert os.listdir(tmp_path) == ["cache.pt"]  # no temporary file left behind
+    key = {"teacher": "T", "identity": "abc", "pooling": "mean", "max_tokens": 128,
+           "texts": distill.texts_hash(texts), "n": 2, "shard": distill.SHARD}
+    stages.save_atomic(path, {"key": key, "embeddings": emb})
+    assert torch.equal(distill.read_shard(path, key, 2), emb)
+    for change, words in ((dict(texts=distill.texts_hash(["a red circle", "a big blue cross"])),
+                           "other texts"), (dict(teacher="U"), "with teacher 'T', not 'U'"),
+                          (dict(identity="abd"), "by T as its files were then"),
+                          (dict(pooling="cls"), "with pooling 'mean', not 'cls'"),
+                          (dict(max_tokens=64), "with max_tokens 128, not 64")):
+        with pytest.raises(ValueError, match=words):
+            distill.read_shard(path, {**key, **change}, 2)
+    with pytest.raises(ValueError, match="2 rows where 3 belong"):
+        distill.read_shard(path, key, 3)
+    assert os.listdir(tmp_path) == ["shard.pt"]  # no temporary file left behind
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_umask())  # not 0600
-    (tmp_path / "cache.pt").write_bytes(b"torn")
-    with pytest.raises(ValueError, match="not a teacher cache"):
-        distill.load_teacher_cache(path, texts, "T", "mean")
+    (tmp_path / "shard.pt").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="not a teacher cache shard"):
+        distill.read_shard(path, key, 2)
 
 
 def _umask():

@@ -452,14 +452,16 @@ def test_a_folder_through_save_atomic_appears_whole_or_not_at_all(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model"]
     run = tmp_path / "run"
     run.mkdir()
-    (run / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n')  # a run's, by content
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (run / "run-files.json").write_text('{"files": ["log.jsonl"]}')  # a run's, by its record
     (run / "a.json").write_text("old")
     stages.save_atomic(str(run), writer({"a.json": "new", "c.json": "3"}))
-    assert {f: (run / f).read_text() for f in os.listdir(run)} == {
+    assert {f: (run / f).read_text() for f in os.listdir(run) if f != "run-files.json"} == {
         "log.jsonl": '{"step": 1, "loss": 0.5}\n', "a.json": "new", "c.json": "3"}
     assert oct((run / "c.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
-    (run / ".tmp-killed").mkdir()  # a writer killed inside a run's folder
-    (run / ".tmp-killed" / "model.safetensors").write_text("torn")
+    killed = run / (stages.TEMP.format(4194304) + "k1ll3d_x")  # a writer killed in the folder
+    killed.mkdir()
+    (killed / "model.safetensors").write_text("torn")
     runs.release(runs.claim(Namespace(out=str(run), model=None, resume=False, overwrite=True)))
     assert sorted(os.listdir(run)) == ["a.json", "c.json", "log.jsonl", "run-files.json"]
 
