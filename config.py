@@ -42,7 +42,8 @@ DEFAULTS = {  # what neither the command line, a preset nor the toy set
 LOSSES = {  # stage 2's loss -> the flags only it takes, with their defaults
     "unime": dict(k=8, negatives="hard"),  # Eq. 4
     "masked-infonce": {},  # not UniME: the whole batch minus the β mask
-    "hardness-weighted": dict(alpha=9.0),  # not UniME: LLaVE, α = 9 as in its training script
+    # not UniME: LLaVE, α = 9 as in its training script, both directions, no β mask as LLaVE
+    "hardness-weighted": dict(alpha=9.0, beta=float("inf")),
 }
 STAGE_FLAGS = {  # refused in the other stage
     1: ("kd_direction", "hard_negatives", "teacher", "teacher_pooling", "teacher_cache",
@@ -99,11 +100,11 @@ def parse_args(argv=None):
            "UniME-V2's)")
     a("--loss", choices=list(LOSSES), help="stage 2: unime = Eq. 4, top-k hard negatives (the "
       "default); NOT UniME, for comparison: masked-infonce = every in-batch negative minus the "
-      "β mask (Qwen3-Embedding), hardness-weighted = every negative weighted by e^(α·sim) "
-      "(LLaVE; with --beta inf as published)")
+      "β mask (with --beta inf: VLM2Vec's InfoNCE), hardness-weighted = LLaVE's loss, every "
+      "negative weighted by e^(α·sim), both directions averaged, no β mask unless --beta is given")
     a("--k", type=int, help="stage 2, unime: hard negatives per query (Eq. 3; default 8)")
-    a("--beta", type=margin, help="stage 2: false-negative margin (§3.3.1; default 0.1); inf "
-                                  "or none: no filter")
+    a("--beta", type=margin, help="stage 2: false-negative margin (§3.3.1; default 0.1, and "
+                                  "inf for hardness-weighted); inf or none: no filter")
     a("--negatives", choices=["hard", "random", "easy"],
       help="stage 2, unime: which k negatives (default hard; the paper's Fig. 5 analysis)")
     a("--alpha", type=float, help="stage 2, hardness-weighted: the hardness weight α (default 9)")
@@ -232,10 +233,9 @@ def finish_args(args, source):
     if args.lora_r == 0 and (args.lora_alpha is not None or args.lora_dropout is not None):
         raise SystemExit("--lora-alpha and --lora-dropout shape a LoRA, and --lora-r 0 "
                          "(the toy's stage 2 too) fine-tunes every weight instead")
-    for key, value in DEFAULTS[args.stage].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for key, value in LOSSES.get(args.loss, {}).items():  # stage 2: its loss's own flags
+    # stage 2: its loss's own flags, whose defaults win (LLaVE's loss: no β mask unless asked)
+    own = LOSSES.get(args.loss or DEFAULTS[args.stage].get("loss"), {})
+    for key, value in {**DEFAULTS[args.stage], **own}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.stage == 1:
