@@ -46,7 +46,8 @@ DEFAULTS = {  # what neither the command line, a preset nor the toy set
 LOSSES = {  # stage 2's loss -> the flags only it takes, with their defaults
     "unime": dict(k=8, negatives="hard"),  # Eq. 4
     "masked-infonce": {},  # not UniME: the whole batch minus the β mask
-    "hardness-weighted": dict(alpha=9.0),  # not UniME: LLaVE, α = 9 as in its training script
+    # not UniME: LLaVE, α = 9 as in its training script, both directions, no β mask as LLaVE
+    "hardness-weighted": dict(alpha=9.0, beta=float("inf")),
 }
 STAGE_FLAGS = {  # refused in the other stage
     1: ("kd_direction", "hard_negatives", "teacher", "teacher_pooling", "teacher_cache",
@@ -135,11 +136,11 @@ def parse_args(argv=None):
            "UniME-V2's)")
     a("--loss", choices=list(LOSSES), help="stage 2: unime = Eq. 4, top-k hard negatives (the "
       "default); NOT UniME, for comparison: masked-infonce = every in-batch negative minus the "
-      "β mask (Qwen3-Embedding), hardness-weighted = every negative weighted by e^(α·sim) "
-      "(LLaVE; with --beta inf as published)")
+      "β mask (with --beta inf: VLM2Vec's InfoNCE), hardness-weighted = LLaVE's loss, every "
+      "negative weighted by e^(α·sim), both directions averaged, no β mask unless --beta is given")
     a("--k", type=int, help="stage 2, unime: hard negatives per query (Eq. 3; default 8)")
-    a("--beta", type=margin, help="stage 2: false-negative margin (§3.3.1; default 0.1); inf "
-                                  "or none: no filter")
+    a("--beta", type=margin, help="stage 2: false-negative margin (§3.3.1; default 0.1, and "
+                                  "inf for hardness-weighted); inf or none: no filter")
     a("--negatives", choices=["hard", "random", "easy"],
       help="stage 2, unime: which k negatives (default hard; the paper's Fig. 5 analysis)")
     a("--alpha", type=float, help="stage 2, hardness-weighted: the hardness weight α (default 9)")
@@ -256,14 +257,15 @@ def backbone_family(name):
 
 def resolve(args, settings=None):
     """Every value of the run, each from the first layer that sets it: the command line
-    (`args`), the preset, `settings` (the embedded default's), DEFAULTS of the stage, then
-    LOSSES of stage 2's loss; then the values that follow from them, every one checked. The
-    length in steps waits for the data (fit_to_data)."""
+    (`args`), the preset, `settings` (the embedded default's), LOSSES of stage 2's loss (its
+    own defaults: LLaVE's loss has no β mask unless asked), then DEFAULTS of the stage; then
+    the values that follow from them, every one checked. The length in steps waits for the
+    data (fit_to_data)."""
     given = {key for key, value in vars(args).items() if value is not None}
     layers = [PRESETS[preset_name(args)][args.stage] if args.preset else {}, settings or {},
               DEFAULTS[args.stage]]
     loss = next((layer["loss"] for layer in [vars(args), *layers] if layer.get("loss")), None)
-    for layer in layers + [LOSSES.get(loss, {})]:
+    for layer in layers[:2] + [LOSSES.get(loss, {}), layers[2]]:
         for key, value in layer.items():
             length_set = any(getattr(args, k) is not None for k in LENGTH)
             if getattr(args, key) is None and not (key in LENGTH and length_set):

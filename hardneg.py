@@ -124,11 +124,13 @@ def _full_batch_loss(sim, alpha, beta, tau):
 def masked_infonce_loss(q, c, beta=0.1, tau=0.02, return_stats=False):
     """NOT UniME: InfoNCE over the whole batch of candidates (no top-k), with UniME's false-
     negative mask (S_ij > S_ii + β, j != i) removing the flagged candidates from the denominator.
-    The mask with margin 0.1 is what Qwen3-Embedding and ms-swift (its InfoNCE loss with
-    mask_fake_negative) adopted; their optional query-query and document-document terms in the
-    denominator are left out here. beta=None or inf: no mask, i.e. VLM2Vec's in-batch InfoNCE.
-    q (n_q, d), c (n_c, d), n_c >= n_q; c[i] is the positive of q[i] and columns n_q.. are
-    negatives of every query."""
+    Of Qwen3-Embedding's loss (arXiv 2506.05176) this is one term of its denominator Z_i, the
+    query-to-other-documents sum Σ_{j != i} m_ij e^{S_ij/τ}, with the similarity half of its
+    mask m_ij (margin 0.1; its other half drops a document equal to the positive as a string);
+    its mined hard negatives and its query-query and document-document sums are left out, so
+    this is not Qwen3-Embedding's loss. beta=None or inf: no mask, i.e. VLM2Vec's in-batch
+    InfoNCE. q (n_q, d), c (n_c, d), n_c >= n_q; c[i] is the positive of q[i] and columns
+    n_q.. are negatives of every query."""
     sim = q @ c.T  # (n_q, n_c)
     loss, valid = _full_batch_loss(sim, 0.0, beta, tau)
     if not return_stats:
@@ -136,25 +138,28 @@ def masked_infonce_loss(q, c, beta=0.1, tau=0.02, return_stats=False):
     return loss, hardneg_stats(sim.detach(), sim.detach(), valid, beta)
 
 
-def hardness_weighted_loss(q, c, alpha=9.0, beta=None, tau=0.02, symmetric=False,
+def hardness_weighted_loss(q, c, alpha=9.0, beta=None, tau=0.02, both_directions=True,
                            return_stats=False):
     """NOT UniME: LLaVE's hardness-weighted contrastive loss (Lan et al. 2025, arXiv 2503.04812;
-    code: DeepLearnXMU/LLaVE, llava/model/language_model/loss.py). Every negative's logit is
-    S_ij/τ + α·sg(S_ij): in the full-batch denominator negative j weighs e^{α S_ij}, so the
-    hard ones count more, while the gradient still flows only through S_ij/τ.
+    code: DeepLearnXMU/LLaVE, llava/model/language_model/loss.py, WeightedClipLoss). Every
+    negative's logit is S_ij/τ + α·sg(S_ij): in the full-batch denominator negative j weighs
+    e^{α S_ij}, so the hard ones count more, while the gradient still flows only through S_ij/τ.
+    As LLaVE does, the loss is the mean of two directions: query -> candidates (row i of S) and
+    candidate -> queries (row i of Sᵀ, each direction with its own weights), which needs a
+    square batch. both_directions=False keeps query -> candidates only, like Eq. 4.
 
     Defaults follow LLaVE's released training script: α = 9 (its ALPHA=9; the argument's
     dataclass default is 0.5) and logit scale 50, i.e. τ = 0.02. LLaVE has no false-negative
-    filter, so beta=None (off); a float β adds UniME's mask on top. LLaVE averages the
-    query->candidate and candidate->query losses: symmetric=True does that (square batches
-    only); the default keeps one direction, like Eq. 4, so a comparison isolates the weighting.
-    Layout and stats as masked_infonce_loss (stats are for the query->candidate direction)."""
+    filter, so beta=None (off; train.py's --loss hardness-weighted defaults to --beta inf); a
+    float β adds UniME's mask on top, in both directions. Layout and stats as
+    masked_infonce_loss (stats are for the query -> candidate direction)."""
     sim = q @ c.T  # (n_q, n_c)
     loss, valid = _full_batch_loss(sim, alpha, beta, tau)
-    if symmetric:
+    if both_directions:
         if sim.shape[0] != sim.shape[1]:
-            raise ValueError(f"symmetric=True needs as many candidates as queries, got "
-                             f"{tuple(sim.shape)}")
+            raise ValueError(f"LLaVE's loss averages query->candidate and candidate->query and "
+                             f"needs as many candidates as queries, got {tuple(sim.shape)}; "
+                             f"both_directions=False keeps the first direction only")
         loss = (loss + _full_batch_loss(sim.T, alpha, beta, tau)[0]) / 2
     if not return_stats:
         return loss

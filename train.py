@@ -225,8 +225,9 @@ def train_step(args, step, model, opt, batch, targets, generator, world, device,
 
 
 def baseline_loss(args, q, c):
-    """--loss masked-infonce (Qwen3-Embedding: every in-batch negative but the β mask) or
-    hardness-weighted (LLaVE: every negative weighted by e^(α·sim)); not UniME."""
+    """Not UniME: --loss masked-infonce (every in-batch negative but the β mask; one term of
+    Qwen3-Embedding's denominator, with --beta inf VLM2Vec's InfoNCE) or hardness-weighted
+    (LLaVE: every negative weighted by e^(α·sim), both directions averaged)."""
     if args.loss == "masked-infonce":
         return hardneg.masked_infonce_loss(q, c, args.beta, args.tau, return_stats=True)
     return hardneg.hardness_weighted_loss(q, c, args.alpha, args.beta, args.tau,

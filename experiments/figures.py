@@ -1,4 +1,5 @@
 """The paper's analyses as pictures (UniME §5, Figs. 4-6), for the toy or a real caption set.
+Figure numbers are arXiv v4's, the current version (v1 numbers the same figures 3-5).
 
 - Fig. 4 discrimination: cross-modal cosine matrices of 50 image-caption pairs per model.
 - Fig. 5 hard vs random vs easy negatives: stage-2 loss and pre-clip gradient norm per step,

@@ -159,28 +159,68 @@ def test_masked_infonce_gradients_match_autograd_on_loop_reference():
 
 # ---------------------------------------------------------------- LLaVE hardness weighting
 
+def llave_by_hand(q, c, beta, tau, alpha):
+    """LLaVE's two directions, each the per-row loop: query i against every candidate, and
+    candidate i against every query (its positive is query i, its logits c_i·q_j, the β rule
+    on c_i·q_i), averaged."""
+    return (full_batch_by_hand(q, c, beta, tau, alpha) +
+            full_batch_by_hand(c, q, beta, tau, alpha)) / 2
+
+
 @pytest.mark.parametrize("alpha,beta", [(9.0, None), (9.0, 0.1), (0.5, None), (0.0, 0.1)])
 @pytest.mark.parametrize("n_q,n_c", [(8, 8), (5, 9)])
-def test_hardness_weighted_matches_per_query_loop(n_q, n_c, alpha, beta):
+def test_hardness_weighted_one_direction_matches_per_query_loop(n_q, n_c, alpha, beta):
     q, c = batch(n_q, n_c, seed=6, tie=0.2)
-    got = hardneg.hardness_weighted_loss(q, c, alpha=alpha, beta=beta, tau=0.02)
+    got = hardneg.hardness_weighted_loss(q, c, alpha=alpha, beta=beta, tau=0.02,
+                                         both_directions=False)
     assert got.item() == pytest.approx(full_batch_by_hand(q, c, beta, 0.02, alpha), rel=1e-9)
+
+
+@pytest.mark.parametrize("alpha,beta", [(9.0, None), (9.0, 0.1), (0.0, None)])
+def test_hardness_weighted_default_is_llaves_mean_of_both_directions(alpha, beta):
+    q, c = batch(7, 7, seed=8, tie=0.3)
+    if beta is not None:
+        assert count_filtered(q, c, beta) > 0 and count_filtered(c, q, beta) > 0
+    got = hardneg.hardness_weighted_loss(q, c, alpha=alpha, beta=beta, tau=0.02)
+    assert got.item() == pytest.approx(llave_by_hand(q, c, beta, 0.02, alpha), rel=1e-9)
+    # the two directions differ here, so neither alone passes for the mean
+    one = full_batch_by_hand(q, c, beta, 0.02, alpha)
+    assert abs(one - got.item()) > 1e-3
+
+
+def test_hardness_weighted_default_with_alpha_0_is_clips_symmetric_infonce():
+    # α = 0, no mask: the mean of cross-entropy over the rows of S/τ and over its columns
+    q, c = batch(6, 6, seed=12, tie=0.4)
+    logits = (q @ c.T) / 0.05
+    target = torch.arange(6)
+    want = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    got = hardneg.hardness_weighted_loss(q, c, alpha=0.0, tau=0.05)
+    assert got.item() == pytest.approx(want.item(), rel=1e-9)
+
+
+def test_hardness_weighted_both_directions_needs_a_square_batch():
+    q, c = batch(5, 9, seed=13)
+    with pytest.raises(ValueError, match="both_directions=False"):
+        hardneg.hardness_weighted_loss(q, c)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 2.0, 9.0])
 def test_hardness_weighted_equal_similarities_give_log_of_one_plus_weighted_negatives(alpha):
     # every query is (1, 0) and every candidate (0.6, 0.8), so every S_ij = 0.6 and each of
-    # the n_c - 1 negatives weighs e^{0.6 α} against the positive: loss log(1 + (n_c-1) e^{0.6α})
-    n_q, n_c = 3, 5
-    q = torch.tensor([[1.0, 0.0]], dtype=torch.float64).repeat(n_q, 1)
-    c = torch.tensor([[0.6, 0.8]], dtype=torch.float64).repeat(n_c, 1)
-    loss = hardneg.hardness_weighted_loss(q, c, alpha=alpha, tau=0.02)
-    assert loss.item() == pytest.approx(math.log1p((n_c - 1) * math.exp(0.6 * alpha)), rel=1e-9)
+    # the n_c - 1 negatives weighs e^{0.6 α} against the positive: loss log(1 + (n_c-1) e^{0.6α});
+    # square, both directions have n - 1 such negatives and the mean is the same value
+    for n_q, n_c, both in ((3, 5, False), (4, 4, True)):
+        q = torch.tensor([[1.0, 0.0]], dtype=torch.float64).repeat(n_q, 1)
+        c = torch.tensor([[0.6, 0.8]], dtype=torch.float64).repeat(n_c, 1)
+        loss = hardneg.hardness_weighted_loss(q, c, alpha=alpha, tau=0.02, both_directions=both)
+        assert loss.item() == pytest.approx(math.log1p((n_c - 1) * math.exp(0.6 * alpha)),
+                                            rel=1e-9)
 
 
 def test_hardness_weight_is_detached_so_gradient_matches_the_stop_gradient_reference():
     q, c = batch(8, 10, seed=7, tie=0.5)
-    loss_fn = lambda a, b: hardneg.hardness_weighted_loss(a, b, alpha=9.0, tau=0.05)  # noqa: E731
+    loss_fn = lambda a, b: hardneg.hardness_weighted_loss(a, b, alpha=9.0, tau=0.05,  # noqa
+                                                          both_directions=False)
     got = grads(loss_fn, q, c)
     want = grads(lambda a, b: full_batch_reference(a, b, None, 0.05, 9.0), q, c)
     for g, w in zip(got, want):
@@ -190,15 +230,14 @@ def test_hardness_weight_is_detached_so_gradient_matches_the_stop_gradient_refer
     assert not torch.allclose(got[0], undetached[0])
 
 
-def test_hardness_weighted_symmetric_averages_both_directions():
-    q, c = batch(7, 7, seed=8, tie=0.3)
-    got = hardneg.hardness_weighted_loss(q, c, alpha=9.0, tau=0.02, symmetric=True)
-    # candidate -> query is the same loop with the roles of q and c swapped
-    want = (full_batch_by_hand(q, c, None, 0.02, 9.0) +
-            full_batch_by_hand(c, q, None, 0.02, 9.0)) / 2
-    assert got.item() == pytest.approx(want, rel=1e-9)
-    with pytest.raises(ValueError, match="symmetric"):
-        hardneg.hardness_weighted_loss(q, unit(9, 4, 9), symmetric=True)
+def test_hardness_weighted_both_directions_gradient_matches_autograd_on_the_loops():
+    q, c = batch(8, 8, seed=14, tie=0.5)
+    got = grads(lambda a, b: hardneg.hardness_weighted_loss(a, b, alpha=9.0, beta=0.1,
+                                                            tau=0.05), q, c)
+    want = grads(lambda a, b: (full_batch_reference(a, b, 0.1, 0.05, 9.0) +
+                               full_batch_reference(b, a, 0.1, 0.05, 9.0)) / 2, q, c)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_hardness_weighted_stats_do_not_depend_on_alpha():
@@ -241,17 +280,18 @@ def test_mixed_batch_with_one_fully_filtered_row_keeps_finite_gradients(variant)
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_beta_none_and_inf_are_the_same_unfiltered_loss(variant):
-    q, c = batch(6, 9, seed=10, tie=0.1)
+    q, c = batch(7, 7, seed=10, tie=0.1)
     assert count_filtered(q, c, 0.1) > 0
     none = VARIANTS[variant](q, c, beta=None, tau=0.05)
     inf = VARIANTS[variant](q, c, beta=float("inf"), tau=0.05)
-    alpha = 9.0 if variant == "hardness_weighted" else 0.0
+    want = (llave_by_hand(q, c, None, 0.05, 9.0) if variant == "hardness_weighted" else
+            full_batch_by_hand(q, c, None, 0.05))
     assert none.item() == inf.item()
-    assert none.item() == pytest.approx(full_batch_by_hand(q, c, None, 0.05, alpha), rel=1e-9)
+    assert none.item() == pytest.approx(want, rel=1e-9)
 
 
 def test_every_loss_logs_the_same_stats_columns():
-    q, c = batch(6, 8, seed=11)
+    q, c = batch(6, 6, seed=11)
     _, unime_stats = hardneg.hardneg_loss(q, c, k=3, return_stats=True)
     for variant in VARIANTS.values():
         _, stats = variant(q, c, beta=0.1, return_stats=True)
@@ -320,12 +360,17 @@ def test_the_training_step_computes_the_loss_the_flag_names(loss, extra, monkeyp
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
     value, _, stats = train.train_step(args, 0, None, opt, {"sides": {}}, None, None, 1, "cpu",
                                        None)
-    # Eq. 4 with k = 4 of 4 others keeps every valid negative: the full-batch loop
-    alpha = 2.0 if loss == "hardness-weighted" else 0
-    expected = full_batch_by_hand(q, c, 0.2, 0.1, alpha=alpha)
+    # Eq. 4 with k = 4 of 4 others keeps every valid negative: the full-batch loop; LLaVE's
+    # loss averages both directions
+    expected = (llave_by_hand(q, c, 0.2, 0.1, 2.0) if loss == "hardness-weighted" else
+                full_batch_by_hand(q, c, 0.2, 0.1))
     assert value == pytest.approx(expected, rel=1e-9)
     assert set(stats) == STATS_KEYS
-    want = grads(lambda a, b: full_batch_reference(a, b, 0.2, 0.1, alpha), q, c)
+    if loss == "hardness-weighted":  # both directions, each with its own weights
+        want = grads(lambda a, b: (full_batch_reference(a, b, 0.2, 0.1, 2.0) +
+                                   full_batch_reference(b, a, 0.2, 0.1, 2.0)) / 2, q, c)
+    else:
+        want = grads(lambda a, b: full_batch_reference(a, b, 0.2, 0.1), q, c)
     torch.testing.assert_close((reps["qry"].grad, reps["pos"].grad), want)
 
 
@@ -364,8 +409,11 @@ def test_defaults_fill_only_the_flags_of_the_chosen_loss_and_stage():
     unime = finish(["--stage", "2"])
     assert (unime.loss, unime.k, unime.negatives, unime.beta, unime.alpha) == \
         ("unime", 8, "hard", 0.1, None)
-    llave = finish(["--stage", "2", "--loss", "hardness-weighted", "--beta", "inf"])
+    llave = finish(["--stage", "2", "--loss", "hardness-weighted"])  # no β mask, as LLaVE
     assert (llave.alpha, llave.k, llave.beta) == (9.0, None, float("inf"))
+    asked = finish(["--stage", "2", "--loss", "hardness-weighted", "--beta", "0.1"])
+    assert asked.beta == 0.1  # the mask only when asked for
+    assert finish(["--stage", "2", "--loss", "masked-infonce"]).beta == 0.1  # UniME's default
     stage1 = finish(["--stage", "1", "--kd-direction", "symmetric"])
     assert (stage1.kd_direction, stage1.loss, stage1.k) == ("symmetric", None, None)
     assert finish(["--stage", "1"]).kd_direction == "teacher-student"
