@@ -327,14 +327,16 @@ def load_processor(name_or_path, family=None, **kwargs):
             processor = images_only(cls).from_pretrained(name_or_path, **kwargs)
         except (ImportError, AttributeError):
             raise SystemExit(f"{whose} needs torchvision: pip install torchvision") from None
+    except OSError as error:  # e.g. no image processor config next to the model
+        raise SystemExit(f"cannot load {whose}: {str(error).strip().splitlines()[0]}") from None
     if not takes_images(processor):
         name = processor_class_name(name_or_path)
         raise SystemExit(f"{whose} cannot take images: AutoProcessor gives a "
                          f"{type(processor).__name__}, which would drop every image. " + (
             f"Its files name {name}, written by an earlier export.py: export the run again."
             if name.endswith("ImagesOnly") else f"Its files name {name!r}, which transformers "
-            f"{transformers.__version__} does not have." if name else "It has no image processor "
-            "config (preprocessor_config.json): copy the base model's processor files there."))
+            f"{transformers.__version__} does not have." if name else "It names no processor "
+            "class: copy the processor files of the model it was trained from next to it."))
     _tokenizer(processor).padding_side = "left"
     return processor
 

@@ -446,6 +446,75 @@ def test_a_saved_processor_names_the_real_class_and_keeps_the_video_config(name,
         assert rebuilt.video_processor.to_dict() == real.video_processor.to_dict()
 
 
+def rename_processor_class(folder, name, **image_processor):
+    """Point every file of a checkpoint that names its processor class at `name`."""
+    for f in os.listdir(folder):
+        config = tiny.read_json(os.path.join(folder, f)) if f.endswith(".json") else {}
+        if "processor_class" in config:
+            tiny.write_json(os.path.join(folder, f), {**config, "processor_class": name, **(
+                image_processor if f == "preprocessor_config.json" else {})})
+
+
+def one_line_exit(call, *words):
+    """The SystemExit message of `call()`: one line, holding each of `words`."""
+    with pytest.raises(SystemExit) as exit_:
+        call()
+    message = str(exit_.value.code)
+    assert "\n" not in message and all(w in message for w in words), message
+    return message
+
+
+def test_a_processor_that_cannot_take_images_is_refused_in_one_line(tmp_path):
+    """Processor files that make AutoProcessor return a bare tokenizer (what export.py wrote
+    before: `Qwen2VLProcessorImagesOnly`) or fail (no image processor config): the loader stops
+    in one line naming the family and what to do, and `process` refuses an image given to a
+    tokenizer; neither embeds the text without its image."""
+    path = build_checkpoint("qwen2_vl", tmp_path)
+    rename_processor_class(path, "Qwen2VLProcessorImagesOnly")
+    assert isinstance(AutoProcessor.from_pretrained(path), transformers.PreTrainedTokenizerBase)
+    one_line_exit(lambda: families.load_processor(path, "qwen2_vl"), "qwen2_vl",
+                  "Qwen2VLProcessorImagesOnly", "export the run again")
+    rename_processor_class(path, "Qwen2VLProcessor")
+    os.remove(os.path.join(path, "preprocessor_config.json"))
+    one_line_exit(lambda: families.load_processor(path, "qwen2_vl"), "qwen2_vl",
+                  "preprocessor_config.json")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    with pytest.raises(ValueError, match="qwen2_vl processor given is a .* cannot take images"):
+        families.process(tokenizer, "qwen2_vl", texts=[TEXTS[0]], images=tiny.images()[:1])
+
+
+def test_a_processor_import_that_needs_torchvision_names_it_in_one_line(tmp_path):
+    """A remote-code processor whose module imports torchvision (Phi-3.5-V's image processor
+    does), loaded as a download is: the family and `pip install torchvision`, in one line."""
+    if TORCHVISION:
+        pytest.skip("torchvision is installed")
+    (tmp_path / "processing_remote.py").write_text(
+        "import torchvision\nfrom transformers import ProcessorMixin\n\n\n"
+        "class RemoteProcessor(ProcessorMixin):\n    attributes = []\n")
+    tiny.write_json(tmp_path / "processor_config.json", {
+        "processor_class": "RemoteProcessor",
+        "auto_map": {"AutoProcessor": "processing_remote.RemoteProcessor"}})
+    one_line_exit(lambda: families.load_processor(str(tmp_path), "phi3_v",
+                                                  trust_remote_code=True),
+                  "phi3_v", "pip install torchvision")
+
+
+def test_smolvlm_is_built_or_refused_in_one_line(tmp_path):
+    """SmolVLM's download without torchvision: transformers 5 builds its processor like the
+    other video families, with the download's own settings (image_seq_len 4, not the class's
+    169); 4.x cannot import SmolVLMProcessor at all, and the loader says so in one line."""
+    if TORCHVISION:
+        pytest.skip("torchvision is installed")
+    if TRANSFORMERS_5:
+        processor = families.load_processor(build_checkpoint("smolvlm", tmp_path), "smolvlm")
+        assert type(processor).__name__ == "SmolVLMProcessor" and processor.image_seq_len == 4
+        return
+    path = build_checkpoint("idefics3", tmp_path)  # SmolVLM's files, but for the class names
+    rename_processor_class(path, "SmolVLMProcessor", image_processor_type="SmolVLMImageProcessor")
+    one_line_exit(lambda: families.load_processor(path, "smolvlm"), "smolvlm",
+                  "pip install torchvision")
+
+
 def test_prepare_image_per_family():
     image = tiny.images()[0]
     assert families.prepare_image("phi3_v", image, "high") is image  # num_crops tiles it
