@@ -309,9 +309,8 @@ def unused_vision_layers(model, family):
 
 def load_processor(name_or_path, family=None, **kwargs):
     """The checkpoint's processor, padding on the left (the official evaluation pads left).
-    Qwen2/2.5/3-VL, LLaVA-OneVision, SmolVLM and InternVL processors hold a video processor that
-    needs torchvision; without it, the same class is built without it (`images_only`): we embed
-    images only. A processor that cannot take images stops here, in one line."""
+    Without torchvision, processors with a video processor (Qwen2/2.5/3-VL, LLaVA-OneVision,
+    SmolVLM, InternVL) are built without it (`images_only`); one that cannot take images stops."""
     import transformers
     from transformers import AutoProcessor
     whose = f"the {family or 'model'}'s processor at {name_or_path}"
@@ -331,12 +330,10 @@ def load_processor(name_or_path, family=None, **kwargs):
         raise SystemExit(f"cannot load {whose}: {str(error).strip().splitlines()[0]}") from None
     if not takes_images(processor):
         name = processor_class_name(name_or_path)
-        raise SystemExit(f"{whose} cannot take images: AutoProcessor gives a "
-                         f"{type(processor).__name__}, which would drop every image. " + (
-            f"Its files name {name}, written by an earlier export.py: export the run again."
-            if name.endswith("ImagesOnly") else f"Its files name {name!r}, which transformers "
-            f"{transformers.__version__} does not have." if name else "It names no processor "
-            "class: copy the processor files of the model it was trained from next to it."))
+        why = ("written by an earlier export.py: export the run again" if name.endswith(
+            "ImagesOnly") else f"which transformers {transformers.__version__} does not have")
+        raise SystemExit(f"{whose} cannot take images (AutoProcessor gives a "
+                         f"{type(processor).__name__}): its files name {name!r}, {why}")
     _tokenizer(processor).padding_side = "left"
     return processor
 
@@ -362,27 +359,25 @@ def attributes_of(processor_class):
 
 
 def processor_class_name(name_or_path):
-    """The processor class a checkpoint names, where AutoProcessor looks for it; else its model
-    type's default."""
+    """The processor class a checkpoint names, where AutoProcessor looks; else its model type's."""
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
     from transformers.utils import cached_file
-    configs = []
-    for name in ("processor_config", "preprocessor_config", "video_preprocessor_config",
-                 "tokenizer_config", "config"):
-        path = cached_file(name_or_path, f"{name}.json", _raise_exceptions_for_missing_entries=False,
+    configs = [cached_file(name_or_path, f"{name}.json",
+                           _raise_exceptions_for_missing_entries=False,
                            _raise_exceptions_for_connection_errors=False)
-        configs.append(json.load(open(path, encoding="utf-8")) if path else {})
+               for name in ("processor_config", "preprocessor_config",
+                            "video_preprocessor_config", "tokenizer_config", "config")]
+    configs = [json.load(open(path, encoding="utf-8")) if path else {} for path in configs]
     return next((c["processor_class"] for c in configs if c.get("processor_class")),
                 PROCESSOR_MAPPING_NAMES.get(configs[-1].get("model_type"), ""))
 
 
 def images_only(processor_class):
     """`processor_class` without its video processor (which needs torchvision), under the same
-    name, so that what it saves names the real class: AutoProcessor builds the whole processor
-    where torchvision is installed. It saves the video processor's config it was loaded with
-    (else the image processor's, which AutoVideoProcessor also reads from older downloads) where
-    the real class saves it: in processor_config.json (transformers 5), else in
-    video_preprocessor_config.json (4.x)."""
+    name: its files name the real class, so AutoProcessor builds the whole processor where
+    torchvision is. It saves the video processor config it was loaded with (else the image
+    processor's, which AutoVideoProcessor also reads from older downloads) where the real class
+    would: in processor_config.json (transformers 5), else video_preprocessor_config.json."""
     class ImagesOnly(processor_class):
         attributes = [a for a in attributes_of(processor_class) if a != "video_processor"]
         video_processor_config = None

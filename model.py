@@ -56,23 +56,42 @@ def load_mllm(name_or_path, dtype=torch.float32, device="cpu", trust_remote_code
 
 def missing_model(name, error, what="model"):
     """One line for a model that does not load: which, why, and what to do offline."""
+    name = str(name)
+    if not os.path.exists(name) and (name.startswith((".", "~", os.sep)) or name.count("/") > 1
+                                     or os.path.isdir(os.path.dirname(name) or "\0")):
+        return f"no such folder: {name} (the {what}); check the path"  # not a hub id's problem
     return (f"cannot load {what} {name!r}: {str(error).strip().splitlines()[0]} Offline, pass "
             f"a local folder (save_pretrained) or set HF_HOME to a cache that holds it; "
             f"remote-code models also need --trust-remote-code.")
 
 
-def require_model(path, trust_remote_code=False):
+def missing_base(path, meta):
+    """One line for a LoRA stage output moved or copied without the model it adapts (recorded
+    by a relative path), else None."""
+    init = stage_init(path, meta)
+    if meta["init_is_local"] and not os.path.exists(init):
+        return (f"{path}: its adapter applies to {init} ({meta['init']!r} from the run), which "
+                f"is not there: copy that model along to {init}, or use an export of the run "
+                f"(python export.py RUN OUT, where the run was trained: it holds the merged model)")
+
+
+def require_model(path, trust_remote_code=False, family=None):
     """Fail in one line, before any long work, when the model at `path` (for a LoRA stage
-    output: the model its chain starts from) cannot be found: reads its config only."""
+    output: the model its chain starts from) cannot be found, or its processor cannot take
+    images: reads its config and processor files, not its weights."""
     from transformers import AutoConfig
     meta = read_stage_meta(path)
     while meta is not None and meta["lora"]:
-        path = stage_init(path, meta)
+        if missing_base(path, meta):
+            raise SystemExit(missing_base(path, meta))
+        family, path = family or meta["family"], stage_init(path, meta)
         meta = read_stage_meta(path)
     try:
-        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise SystemExit(missing_model(path, e)) from None
+    families.load_processor(path, family or getattr(config, "model_type", None),
+                            trust_remote_code=trust_remote_code)
 
 
 def precision(device, dtype="auto"):
@@ -344,6 +363,8 @@ def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_co
     if not meta["lora"]:  # a full fine-tune: the folder is the model
         return load_mllm(path, dtype, device, trust_remote_code, family or meta["family"])
     init = stage_init(path, meta)
+    if missing_base(path, meta):
+        raise SystemExit(missing_base(path, meta))
     if model_identity(init) != meta["init_identity"]:
         raise SystemExit(f"{path}: its adapter was trained on {init} as it was then "
                          f"({meta['init_identity']}); that model has changed since "

@@ -12,7 +12,6 @@ code's format.
 """
 import functools
 import importlib.util
-import json
 import os
 
 import pytest
@@ -441,7 +440,7 @@ def test_a_saved_processor_names_the_real_class_and_keeps_the_video_config(name,
     for key, value in families.process(processor, name, **row).items():
         torch.testing.assert_close(families.process(again, name, **row)[key], value)
     if TORCHVISION:
-        real, rebuilt = AutoProcessor.from_pretrained(download), AutoProcessor.from_pretrained(saved)
+        real, rebuilt = (AutoProcessor.from_pretrained(f) for f in (download, saved))
         assert type(rebuilt) is hub_class(download) and type(real) is type(rebuilt)
         assert rebuilt.video_processor.to_dict() == real.video_processor.to_dict()
 

@@ -402,3 +402,14 @@ def build_internvl(path):
         tokenizer=tok, image_seq_length=tokens, chat_template=TEMPLATES["internvl"])
     return save(path, InternVLForConditionalGeneration(config), processor,
                 "InternVLVideoProcessor")
+
+
+def build_llama(path):
+    """A text-only LLM (Llama), which no --family turns into an MLLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = tokenizer([], bos=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**text_config(tok)))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
