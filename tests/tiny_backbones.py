@@ -113,8 +113,8 @@ def tokenizer(specials, bos=False, fast_class="PreTrainedTokenizerFast", **attri
     # saved right-padded on purpose: the code under test must pad on the left itself
     tokenizer_class = PreTrainedTokenizerFast if V5 else getattr(transformers, fast_class)
     return tokenizer_class(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>", padding_side="right",
-                                   **attributes)
+                           pad_token="<pad>", unk_token="<unk>", padding_side="right",
+                           **attributes)
 
 
 def text_config(tok, **extra):
@@ -203,7 +203,7 @@ def build_llava(path):
     torch.manual_seed(0)
     processor = LlavaProcessor(
         image_processor=pil("CLIPImageProcessor")(size={"shortest_edge": 16},
-                                              crop_size={"height": 16, "width": 16}),
+                                                  crop_size={"height": 16, "width": 16}),
         tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=TEMPLATES["llava"])
     return save(path, LlavaForConditionalGeneration(config), processor)
@@ -328,7 +328,7 @@ def build_idefics3(path):
     torch.manual_seed(0)
     processor = Idefics3Processor(
         image_processor=pil("Idefics3ImageProcessor")(size={"longest_edge": 2 * img},
-                                                  max_image_size={"longest_edge": img}),
+                                                      max_image_size={"longest_edge": img}),
         tokenizer=tok, image_seq_len=(img // patch) ** 2 // scale ** 2,
         chat_template=TEMPLATES["idefics3"])
     return save(path, Idefics3ForConditionalGeneration(config), processor)
@@ -346,7 +346,7 @@ def build_smolvlm(path):
     torch.manual_seed(0)
     processor = families.images_only(SmolVLMProcessor)(
         image_processor=pil("SmolVLMImageProcessor")(size={"longest_edge": 2 * img},
-                                                 max_image_size={"longest_edge": img}),
+                                                     max_image_size={"longest_edge": img}),
         tokenizer=tok, video_processor=None, image_seq_len=(img // patch) ** 2 // scale ** 2,
         chat_template=TEMPLATES["smolvlm"])
     return save(path, SmolVLMForConditionalGeneration(config), processor,
@@ -398,7 +398,7 @@ def build_internvl(path):
     torch.manual_seed(0)
     processor = families.images_only(InternVLProcessor)(
         image_processor=pil("GotOcr2ImageProcessor")(size={"height": img, "width": img},
-                                                 crop_to_patches=True, max_patches=3),
+                                                     crop_to_patches=True, max_patches=3),
         tokenizer=tok, image_seq_length=tokens, chat_template=TEMPLATES["internvl"])
     return save(path, InternVLForConditionalGeneration(config), processor,
                 "InternVLVideoProcessor")
