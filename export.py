@@ -164,6 +164,10 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, m.base)
         model.to(dtype)  # the adapters, now outside the model, stay float32
+        for config in [model.config, *(getattr(model.config, key) for key in getattr(
+                model.config, "sub_configs", {}))]:  # transformers 4.x saves the configs' dtype
+            if config is not None:              # (dtype="auto" reads it), not the weights'
+                config.dtype = dtype
         if loras:
             write_adapter(os.path.join(tmp, "adapter"),
                           *peft_adapter(loras, "adapter-base" if adapter_base else start))
