@@ -236,7 +236,7 @@ def preset_name(args):
     unime.json, or the model_type in its config.json (read without running remote code)."""
     if args.preset != "paper":
         return args.preset
-    family = args.family or backbone_family(args.model)
+    family = backbone_family(args.model, args.family)
     if family not in PAPER_PRESET:
         raise SystemExit(f"--preset paper: the paper trained Phi-3.5-V, LLaVA-1.6 and "
                          f"LLaVA-OneVision; {args.model} is {family!r}. Name a preset "
@@ -244,15 +244,26 @@ def preset_name(args):
     return PAPER_PRESET[family]
 
 
-def backbone_family(name):
+def backbone_family(name, family=None):
+    """The family of --model (--family, a stage output's unime.json, or its config.json's
+    model_type, read without running remote code), refused unless known and with a vision
+    tower: --family cannot make a text-only LLM embed images (they would be dropped)."""
     meta = stages.read_stage_meta(name)
     if meta:
-        return meta["family"]
+        return family or meta["family"]
     from transformers import PretrainedConfig
     try:
-        return PretrainedConfig.get_config_dict(name)[0].get("model_type")
+        config = PretrainedConfig.get_config_dict(name)[0]
     except OSError as e:
         raise SystemExit(M.missing_model(name, e))
+    if not {"vision_config", "img_processor"} & set(config):  # Phi-3.5-V: img_processor
+        raise SystemExit(f"--model {name} is a text-only {config.get('model_type')} model (no "
+                         f"vision tower in its config.json): UniME trains an MLLM, which "
+                         f"--family cannot make of it")
+    try:
+        return families.family_of(config.get("model_type"), family)
+    except ValueError as e:
+        raise SystemExit(f"--model {name}: {e}") from None
 
 
 def resolve(args, settings=None):

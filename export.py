@@ -140,13 +140,17 @@ def model_card(chain, root, family, processor, adapter_base):
     loader = "AutoModelForCausalLM" if phi else "AutoModelForImageTextToText"
     remote = ", trust_remote_code=True" if phi else ""
     one_per_call = "; Phi-3.5-V: one prompt per call" if phi else ""
+    video = (f" `AutoProcessor` builds its {type(processor).__name__} with a video processor, "
+             f"which needs torchvision (`pip install torchvision`)." if hasattr(
+                 processor, "video_processor") or hasattr(processor, "video_processor_config")
+             else "")
     return f"""# UniME embedding model from {root}
 
 A universal multimodal embedding model trained with UniME (Gu et al. 2025, arXiv 2504.17432)
 from **{root}** (family `{family}`). Stages, in order:
 {chr(10).join(lines)}
 
-This folder is the merged model: `{loader}` and `AutoProcessor` load it.
+This folder is the merged model: `{loader}` and `AutoProcessor` load it.{video}
 {adapter}
 
 ## Prompts
@@ -325,6 +329,10 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, m.base)
         model.to(dtype)  # the adapters, now outside the model, stay float32
+        for config in [model.config, *(getattr(model.config, key) for key in getattr(
+                model.config, "sub_configs", {}))]:  # transformers 4.x saves the configs' dtype
+            if config is not None:              # (dtype="auto" reads it), not the weights'
+                config.dtype = dtype
         if loras:
             write_adapter(os.path.join(folder, "adapter"),
                           *peft_adapter(loras, "adapter-base" if adapter_base else start))
@@ -337,6 +345,7 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
         with savable(model, processor):
             model.save_pretrained(folder)
             processor.save_pretrained(folder)
+        check_processor(folder, processor, family, trust_remote_code)
         with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(chain, root, family, processor, adapter_base))
         write_sentence_transformers(folder, model, processor, family)
@@ -359,6 +368,21 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
         raise
     shutil.rmtree(old)  # only files an export wrote (check_out made sure)
     return out
+
+
+def check_processor(folder, processor, family, trust_remote_code=False):
+    """The processor files just written, read back as a user's machine reads them, must turn an
+    image into the tensors the run's processor gives: an export never drops images (one that
+    named a class transformers lacks gave users a bare tokenizer). They name the real class,
+    and hold the video processor's config where the class has one: AutoProcessor builds the
+    whole processor wherever torchvision is installed (families.images_only)."""
+    from PIL import Image
+    again = families.load_processor(folder, family, trust_remote_code=trust_remote_code)
+    row = dict(texts=["a red square"], images=[Image.new("RGB", (40, 28), (200, 30, 90))])
+    ours, theirs = (families.process(p, family, **row) for p in (processor, again))
+    if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):
+        raise SystemExit(f"the processor files written for {folder} do not process an image "
+                         f"as the run's processor does ({type(again).__name__}): no export")
 
 
 def check_out(out, overwrite):

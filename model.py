@@ -7,6 +7,7 @@ between families (prompts, batching, truncation, image sizes, LoRA targets).
 What a stage of train.py writes, and how it loads back as one model: runs.py.
 """
 import math
+import os
 import time
 
 import torch
@@ -44,13 +45,17 @@ def load_mllm(name_or_path, dtype=torch.float32, device="cpu", trust_remote_code
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     # Phi-3.5-V: at most 4 crops of 336 px per image, as UniME's MMEB evaluation runs it
     crops = {"num_crops": 4} if family == "phi3_v" else {}
-    processor = families.load_processor(name_or_path, trust_remote_code=trust_remote_code,
+    processor = families.load_processor(name_or_path, family, trust_remote_code=trust_remote_code,
                                         **crops)
     return (model if load_in_4bit else model.to(device)), processor, family
 
 
 def missing_model(name, error, what="model"):
     """One line for a model that does not load: which, why, and what to do offline."""
+    name = str(name)
+    if not os.path.exists(name) and (name.startswith((".", "~", os.sep)) or name.count("/") > 1
+                                     or os.path.isdir(os.path.dirname(name) or "\0")):
+        return f"no such folder: {name} (the {what}); check the path"  # not a hub id's problem
     return (f"cannot load {what} {name!r}: {str(error).strip().splitlines()[0]} Offline, pass "
             f"a local folder (save_pretrained) or set HF_HOME to a cache that holds it; "
             f"remote-code models also need --trust-remote-code.")

@@ -15,6 +15,7 @@ import uuid
 
 import torch
 
+import families
 import model as M
 
 TEMP = ".tmp-unime_{}_" + os.uname()[1].replace("_", "-") + "_"  # pid, host: remove_stale_temp
@@ -185,15 +186,32 @@ def lora_base(path):
     return chain[:full], chain[full][0] if full < len(chain) else root
 
 
-def require_model(path, trust_remote_code=False):
+def missing_base(path, meta):
+    """One line for a LoRA stage output moved or copied without the model it adapts (recorded
+    by a relative path), else None."""
+    init = stage_init(path, meta)
+    if meta["init_is_local"] and not os.path.exists(init):
+        return (f"{path}: its adapter applies to {init} ({meta['init']!r} from the run), which "
+                f"is not there: copy that model along to {init}, or use an export of the run "
+                f"(python export.py RUN OUT, where the run was trained: it holds the merged model)")
+
+
+def require_model(path, trust_remote_code=False, family=None):
     """Fail in one line, before any long work, when the model at `path` (for a LoRA stage
-    output: the model its chain starts from) cannot be found: reads its config only."""
+    output: the model its chain starts from) cannot be found, or its processor cannot take
+    images: reads its config and processor files, not its weights."""
     from transformers import AutoConfig
-    path = lora_base(path)[1]
+    adapters, base = lora_base(path)
+    for folder, meta in adapters:
+        if missing_base(folder, meta):
+            raise SystemExit(missing_base(folder, meta))
+        family = family or meta["family"]
     try:
-        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise SystemExit(M.missing_model(path, e)) from None
+        raise SystemExit(M.missing_model(base, e)) from None
+    families.load_processor(base, family or getattr(config, "model_type", None),
+                            trust_remote_code=trust_remote_code)
 
 
 def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_code=False,
@@ -211,6 +229,8 @@ def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_co
                          f"unime.json): finish it with train.py --resume --out {base}")
     for folder, meta in adapters:
         init = stage_init(folder, meta)
+        if missing_base(folder, meta):
+            raise SystemExit(missing_base(folder, meta))
         require_same_model(init, meta["init_identity"], f"{folder}: its adapter was trained on "
                            f"{init}")
     family = family or (top and top["family"])

@@ -332,6 +332,8 @@ def configure(argv=None):
     toy_run = args.model is None
     args = config.resolve(args, toy.default.settings(args.stage, args.init) if toy_run else None)
     source = toy.default.source(args) if toy_run else config.read_data(args)
+    if not toy_run:  # a text-only or unknown model: now, not after the teacher's hours
+        config.backbone_family(args.model, args.family)
     return config.fit_to_data(args, source["n_rows"]), source
 
 

@@ -16,6 +16,8 @@ from PIL import Image
 import export
 import families
 import model as M
+from test_families import (build_checkpoint, one_line_exit, processor_classes_named,
+                           rename_processor_class)
 from toy import shapes
 import stages
 import toy.default
@@ -243,3 +245,31 @@ def test_a_bf16_export_is_half_the_size_and_embeds_alike(outputs, tmp_path):
     reference = M.embed(stages.load_embedder(outputs["s1"])[0].eval(), batch)
     with torch.no_grad():
         torch.testing.assert_close(M.embed(model.eval(), batch), reference, atol=3e-2, rtol=0)
+
+
+# ---------------------------------------------------------------- exports keep their images
+
+EXPORT_FAMILIES = {"qwen2_vl": "Qwen2VLProcessor", "llava_onevision": "LlavaOnevisionProcessor",
+                   "smolvlm": "SmolVLMProcessor"}  # the processor classes their downloads name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPORT_FAMILIES))
+def test_an_export_embeds_an_image_as_its_run_does_or_refuses(name, tmp_path):
+    """A stage-2 run of a video-processor family (built here without torchvision) and its
+    export: the export's files name the processor class a download names; the Python API gives
+    an image the same vector on the run and on the export. Processor files that make
+    AutoProcessor return a bare tokenizer (an export of the earlier export.py) stop in one line,
+    and an image given with a tokenizer is refused: never a vector without its image."""
+    run = stage_run(tmp_path, 2, build_checkpoint(name, tmp_path), tmp_path / "s2",
+                    "--lora-r", "2", "--lora-alpha", "4")
+    out = export.main([run, str(tmp_path / "export")])
+    assert processor_classes_named(out) == {EXPORT_FAMILIES[name]}
+    image = [(None, str(tmp_path / "0.png"), None), ("colour 1", str(tmp_path / "1.png"), None)]
+    on_run, on_export = (M.embed_inputs(*M.load_embedder(path), image) for path in (run, out))
+    torch.testing.assert_close(on_export, on_run, atol=1e-5, rtol=0)
+    model, processor, family = M.load_embedder(out)
+    with pytest.raises(ValueError, match=f"the {name} processor given is a .*cannot take images"):
+        M.embed_inputs(model, processor.tokenizer, family, image)
+    rename_processor_class(out, f"{EXPORT_FAMILIES[name]}ImagesOnly")
+    one_line_exit(lambda: M.load_embedder(out), name, "export the run again")

@@ -12,7 +12,7 @@ Expected strings are written out by hand from the official code's format.
 """
 import functools
 import importlib.util
-import json
+import os
 
 import pytest
 import torch
@@ -64,6 +64,8 @@ SPECS = {
     # Gemma 3's projector is a weight matrix (nn.Parameter), not an nn.Linear: no adapter fits it
     "gemma3": ("gemma3", tiny.build_gemma3, "model.language_model.", ()),
 }
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+TORCHVISION = importlib.util.find_spec("torchvision") is not None
 NEEDS_TORCHVISION = {"llava_onevision", "llava_onevision_siglip_head", "qwen2_vl", "qwen2_5_vl",
                      "qwen3_vl", "smolvlm", "internvl"}
 TEXTS = ["a red cat", "a blue dog ran in the park today and sat on a mat"]
@@ -73,6 +75,9 @@ def build_checkpoint(name, folder):
     """The tiny checkpoint `name` (a SPECS name, or "qwen3_vl_moe") saved under `folder`."""
     if name == "smolvlm" and importlib.util.find_spec("num2words") is None:
         pytest.skip("SmolVLM's processor needs the num2words package")
+    if name == "smolvlm" and not TRANSFORMERS_5 and not TORCHVISION:
+        pytest.skip("transformers 4.x cannot import SmolVLMProcessor without torchvision (the "
+                    "loader says so in one line: test_smolvlm_is_built_or_refused_in_one_line)")
     builder = functools.partial(tiny.build_qwen_vl, family=name) if name == "qwen3_vl_moe" \
         else SPECS[name][1]
     return builder(str(folder / "model"))
@@ -248,10 +253,10 @@ CHUNKS = {"text": dict(texts=TEXTS),
 
 @pytest.mark.parametrize("chunk", sorted(CHUNKS))
 def test_chunk_embeds_at_the_last_real_token(loaded, chunk):
-    """`process` gives one left-padded batch; pooling its last real token equals the full model's
-    final hidden state at the last position, and each row's embedding is the one it gets alone
-    (padding, position ids and image placement do not leak across rows); `model.encode` gives
-    those rows normalized, in input order."""
+    """`process` gives one left-padded batch; pooling its last real token is the final hidden
+    state the full model reads its next-token logits from at the last position, and each row's
+    embedding is the one it gets alone (padding, position ids and image placement do not leak
+    across rows); `model.encode` gives those rows normalized, in input order."""
     name, family, model, processor = loaded
     batch = families.process(processor, family, **CHUNKS[chunk])
     mask = batch["attention_mask"]
@@ -260,8 +265,10 @@ def test_chunk_embeds_at_the_last_real_token(loaded, chunk):
     fresh = lambda: {k: v.clone() for k, v in batch.items()}  # noqa: E731  (Phi-3.5-V edits
     with torch.no_grad():                                   # input_ids in place)
         pooled = last_real_token(model.model(**fresh()).last_hidden_state, mask)
-        full = model(**fresh(), output_hidden_states=True).hidden_states[-1][:, -1]
-        torch.testing.assert_close(pooled, full, atol=1e-5, rtol=1e-5)
+        # the logits, not hidden_states[-1]: transformers 4.x returns Qwen3-VL's before its norm
+        full = model(**fresh()).logits[:, -1]
+        torch.testing.assert_close(model.get_output_embeddings()(pooled), full, atol=1e-4,
+                                   rtol=1e-4)
         rows = [dict(zip(CHUNKS[chunk], row)) for row in zip(*CHUNKS[chunk].values())]
         alone = torch.cat([model.model(**families.process(processor, family, **{
             k: [v] for k, v in row.items()})).last_hidden_state[:, -1] for row in rows])
@@ -401,19 +408,136 @@ def test_stage2_lora_starts_at_the_base_model_and_every_adapter_learns(loaded, t
 
 # ---------------------------------------------------------------- loading, images
 
-def test_video_processors_need_torchvision_and_load_without_it(loaded, tmp_path):
-    name, family, _, processor = loaded
-    if name not in NEEDS_TORCHVISION:
-        pytest.skip("this family's processor loads through AutoProcessor here")
-    if importlib.util.find_spec("torchvision") is not None:
-        pytest.skip("torchvision is installed")
-    path = build_checkpoint(name, tmp_path)
+def processor_classes_named(folder):
+    """Every `processor_class` in the folder's JSON files, nested configs included."""
+    def walk(value):
+        if isinstance(value, dict):
+            yield from ([value["processor_class"]] if "processor_class" in value else [])
+            for v in value.values():
+                yield from walk(v)
+    return {name for f in os.listdir(folder) if f.endswith(".json")
+            for name in walk(tiny.read_json(os.path.join(folder, f)))}
+
+
+def hub_class(download):
+    """The class a download names, where a hub checkpoint names it (read here by hand)."""
+    return getattr(transformers, tiny.read_json(f"{download}/preprocessor_config.json")
+                   ["processor_class"])
+
+
+VIDEO_FAMILIES = sorted(NEEDS_TORCHVISION - {"llava_onevision_siglip_head"})
+
+
+@pytest.mark.parametrize("name", VIDEO_FAMILIES)
+def test_video_families_load_images_only_without_torchvision(name, tmp_path):
+    """AutoProcessor refuses the download without torchvision (its video processor needs it); the
+    project's loader builds the very class the download names, without a video processor."""
+    if TORCHVISION:
+        pytest.skip("torchvision is installed: AutoProcessor builds the whole processor")
+    download = build_checkpoint(name, tmp_path)
     with pytest.raises(ImportError, match="[Tt]orchvision"):
-        AutoProcessor.from_pretrained(path)
-    with open(f"{path}/processor_config.json") as f:
-        hub_class = getattr(transformers, json.load(f)["processor_class"])
-    assert isinstance(processor, hub_class) and not hasattr(processor, "video_processor")
+        AutoProcessor.from_pretrained(download)
+    processor = families.load_processor(download, name)
+    assert isinstance(processor, hub_class(download))
+    assert type(processor).__name__ == hub_class(download).__name__
+    assert "video_processor" not in vars(processor)
     assert processor.tokenizer.padding_side == "left"
+
+
+@pytest.mark.parametrize("name", VIDEO_FAMILIES)
+def test_a_saved_processor_names_the_real_class_and_keeps_the_video_config(name, tmp_path):
+    """What a stage output or an export writes from the images-only processor: every file names
+    the download's processor class; the video processor's config, read back by transformers'
+    own reader, is the download's; the project's loader rebuilds from those files a processor
+    that turns an image row into the same tokens and pixels. Where torchvision is installed,
+    AutoProcessor builds from them the real processor, video processor as the download's."""
+    from transformers.video_processing_utils import BaseVideoProcessor
+    download, saved = build_checkpoint(name, tmp_path), str(tmp_path / "saved")
+    processor = families.images_only(hub_class(download)).from_pretrained(download)
+    processor.save_pretrained(saved)  # what model.save_pretrained calls
+    assert processor_classes_named(saved) == {hub_class(download).__name__}
+    read = lambda folder: {k: v for k, v in  # noqa: E731
+                           BaseVideoProcessor.get_video_processor_dict(folder)[0].items()
+                           if k != "processor_class"}
+    assert read(saved) == read(download)
+    again = families.load_processor(saved, name)
+    assert type(again).__name__ == hub_class(download).__name__
+    row = dict(texts=[None, TEXTS[0]], images=tiny.images())
+    for key, value in families.process(processor, name, **row).items():
+        torch.testing.assert_close(families.process(again, name, **row)[key], value)
+    if TORCHVISION:
+        real, rebuilt = (AutoProcessor.from_pretrained(f) for f in (download, saved))
+        assert type(rebuilt) is hub_class(download) and type(real) is type(rebuilt)
+        assert rebuilt.video_processor.to_dict() == real.video_processor.to_dict()
+
+
+def rename_processor_class(folder, name, **image_processor):
+    """Point every file of a checkpoint that names its processor class at `name`."""
+    for f in os.listdir(folder):
+        config = tiny.read_json(os.path.join(folder, f)) if f.endswith(".json") else {}
+        if "processor_class" in config:
+            tiny.write_json(os.path.join(folder, f), {**config, "processor_class": name, **(
+                image_processor if f == "preprocessor_config.json" else {})})
+
+
+def one_line_exit(call, *words):
+    """The SystemExit message of `call()`: one line, holding each of `words`."""
+    with pytest.raises(SystemExit) as exit_:
+        call()
+    message = str(exit_.value.code)
+    assert "\n" not in message and all(w in message for w in words), message
+    return message
+
+
+def test_a_processor_that_cannot_take_images_is_refused_in_one_line(tmp_path):
+    """Processor files that make AutoProcessor return a bare tokenizer (what export.py wrote
+    before: `Qwen2VLProcessorImagesOnly`) or fail (no image processor config): the loader stops
+    in one line naming the family and what to do, and `process` refuses an image given to a
+    tokenizer; neither embeds the text without its image."""
+    path = build_checkpoint("qwen2_vl", tmp_path)
+    rename_processor_class(path, "Qwen2VLProcessorImagesOnly")
+    assert isinstance(AutoProcessor.from_pretrained(path), transformers.PreTrainedTokenizerBase)
+    one_line_exit(lambda: families.load_processor(path, "qwen2_vl"), "qwen2_vl",
+                  "Qwen2VLProcessorImagesOnly", "export the run again")
+    rename_processor_class(path, "Qwen2VLProcessor")
+    os.remove(os.path.join(path, "preprocessor_config.json"))
+    one_line_exit(lambda: families.load_processor(path, "qwen2_vl"), "qwen2_vl",
+                  "preprocessor_config.json")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    with pytest.raises(ValueError, match="qwen2_vl processor given is a .* cannot take images"):
+        families.process(tokenizer, "qwen2_vl", texts=[TEXTS[0]], images=tiny.images()[:1])
+
+
+def test_a_processor_import_that_needs_torchvision_names_it_in_one_line(tmp_path):
+    """A remote-code processor whose module imports torchvision (Phi-3.5-V's image processor
+    does), loaded as a download is: the family and `pip install torchvision`, in one line."""
+    if TORCHVISION:
+        pytest.skip("torchvision is installed")
+    (tmp_path / "processing_remote.py").write_text(
+        "import torchvision\nfrom transformers import ProcessorMixin\n\n\n"
+        "class RemoteProcessor(ProcessorMixin):\n    attributes = []\n")
+    tiny.write_json(tmp_path / "processor_config.json", {
+        "processor_class": "RemoteProcessor",
+        "auto_map": {"AutoProcessor": "processing_remote.RemoteProcessor"}})
+    one_line_exit(lambda: families.load_processor(str(tmp_path), "phi3_v",
+                                                  trust_remote_code=True),
+                  "phi3_v", "pip install torchvision")
+
+
+def test_smolvlm_is_built_or_refused_in_one_line(tmp_path):
+    """SmolVLM's download without torchvision: transformers 5 builds its processor like the
+    other video families, with the download's own settings (image_seq_len 4, not the class's
+    169); 4.x cannot import SmolVLMProcessor at all, and the loader says so in one line."""
+    if TORCHVISION:
+        pytest.skip("torchvision is installed")
+    if TRANSFORMERS_5:
+        processor = families.load_processor(build_checkpoint("smolvlm", tmp_path), "smolvlm")
+        assert type(processor).__name__ == "SmolVLMProcessor" and processor.image_seq_len == 4
+        return
+    path = build_checkpoint("idefics3", tmp_path)  # SmolVLM's files, but for the class names
+    rename_processor_class(path, "SmolVLMProcessor", image_processor_type="SmolVLMImageProcessor")
+    one_line_exit(lambda: families.load_processor(path, "smolvlm"), "smolvlm",
+                  "pip install torchvision")
 
 
 def test_prepare_image_per_family():

@@ -19,11 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
+import config
+import distill
 import eval as ev
 import model as M
 import stages
+import tiny_backbones as tiny
 import train
-from test_families import SPECS, build, build_checkpoint
+from test_families import SPECS, build, build_checkpoint, one_line_exit, rename_processor_class
 from test_families import one_thread  # noqa: F401  (autouse: one torch thread here too)
 
 @pytest.fixture(scope="module")
@@ -204,3 +207,78 @@ def test_mmeb_eval_takes_the_familys_image_size_unless_told(paper_data, tmp_path
     for kept in (ev.load_for_eval(path, mmeb=True, image_size="original"), ev.load_for_eval(path)):
         torch.testing.assert_close(kept(x), by_hand(None), atol=1e-5, rtol=1e-5)
     assert (official - by_hand(None)).abs().max() > 1e-4  # the size matters to this model
+
+
+# ---------------------------------------------------------------- errors, early and in one line
+
+def stage1(model, root, out, *extra):
+    return lambda: train.main(["--stage", "1", "--model", str(model), "--data",
+                               str(root / "nli.csv"), "--out", str(out), "--teacher",
+                               "all-MiniLM-L6-v2", "--max-steps", "1", "--batch-size", "4",
+                               "--workers", "0", "--device", "cpu", *extra])
+
+
+def test_a_typoed_local_folder_is_no_such_folder(paper_data, tmp_path):
+    """A folder path that is not there is named as such, not as a malformed hub id."""
+    for typo in (tmp_path / "modle", "./runs/stage1-typo"):
+        one_line_exit(stage1(typo, paper_data, tmp_path / "out"), "no such folder", str(typo))
+        one_line_exit(lambda: stages.load_embedder(str(typo)), "no such folder")
+
+
+def test_the_backbone_is_checked_before_the_teacher_runs(paper_data, tmp_path, monkeypatch):
+    """An unknown model_type, a text-only LLM (with or without --family llava) and processor
+    files that would drop images stop before the teacher's pass (hours with NV-Embed-v2), in
+    one line; --family on a text-only model is refused in stage 2 too."""
+    def teacher_ran(*args, **kwargs):
+        raise AssertionError("the teacher ran before the model was checked")
+    monkeypatch.setattr(distill, "teacher_targets", teacher_ran)
+    moe = build_checkpoint("qwen3_vl_moe", tmp_path / "moe")
+    one_line_exit(stage1(moe, paper_data, tmp_path / "a"), "qwen3_vl_moe", "--family")
+    llama = tiny.build_llama(str(tmp_path / "llama"))
+    for family in ([], ["--family", "llava"]):
+        one_line_exit(stage1(llama, paper_data, tmp_path / "b", *family), "text-only", "llama")
+    one_line_exit(lambda: train.main([
+        "--stage", "2", "--model", llama, "--family", "llava", "--data",
+        str(paper_data / "mmeb_train.jsonl"), "--image-root", str(paper_data), "--out",
+        str(tmp_path / "c"), "--max-steps", "1", "--batch-size", "4", "--workers", "0"]),
+        "text-only")
+    old_export = build_checkpoint("qwen2_vl", tmp_path / "qwen")
+    rename_processor_class(old_export, "Qwen2VLProcessorImagesOnly")
+    one_line_exit(stage1(old_export, paper_data, tmp_path / "d"), "qwen2_vl",
+                  "export the run again")
+
+
+def test_a_moved_run_is_told_which_base_it_needs(paper_data, tmp_path):
+    """A LoRA stage output records its base by a relative path; moved without it, loading it
+    (stage 2 from it, eval.py, the Python API) names that path and the two ways out, and never
+    says to retrain."""
+    base = build_checkpoint("llava", tmp_path / "work")
+    run = tmp_path / "work" / "stage1"
+    stage1(base, paper_data, run, "--eval-pairs", "0", "--teacher-cache",
+           str(tmp_path / "t.pt"), "--lora-r", "2")()
+    moved = tmp_path / "elsewhere" / "stage1"
+    moved.parent.mkdir()
+    os.replace(run, moved)
+    expected = os.path.normpath(moved / ".." / "model")
+    for load in (lambda: stages.load_embedder(str(moved)),
+                 lambda: ev.main(["--task", "mmeb", "--model", str(moved), "--data",
+                                  str(paper_data / "ImageNet-1K.jsonl"), "--image-root",
+                                  str(paper_data), "--cache-dir", ""]),
+                 lambda: train.main(["--stage", "2", "--model", str(moved), "--data",
+                                     str(paper_data / "mmeb_train.jsonl"), "--image-root",
+                                     str(paper_data), "--out", str(tmp_path / "s2"),
+                                     "--max-steps", "1", "--batch-size", "4"])):
+        message = one_line_exit(load, expected, "copy that model along", "export.py")
+        assert "etrain" not in message
+
+
+def test_the_offline_stage1_commands_name_their_teacher():
+    """NV-Embed-v2 is downloaded unless --teacher names a local folder: every stage-1 command
+    for a real model in the docs shows --teacher."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    docs = [os.path.join(root, "README.md")] + [
+        os.path.join(root, "docs", f) for f in os.listdir(os.path.join(root, "docs"))]
+    commands = [c for path in docs for c in open(path, encoding="utf-8").read()
+                .replace("\\\n", " ").splitlines()
+                if "train.py --stage 1" in c and "--model" in c]
+    assert commands and all("--teacher" in c for c in commands), commands

@@ -181,9 +181,6 @@ def test_one_stage2_step_trains_the_vision_tower_and_projector_adapters(phi, pap
     assert not still, still
 
 
-@pytest.mark.xfail(strict=True, raises=ImportError, reason="the one-line torchvision message "
-                   "belongs to families.load_processor (issue 15, processors' part); today a raw "
-                   "ModuleNotFoundError")
 def test_a_missing_torchvision_is_named_in_one_line(tmp_path):
     """The hub's image processor module imports torchvision first: where it is missing, the
     load stops naming torchvision (not a raw traceback), text-only stage 1 included."""

@@ -12,9 +12,12 @@ import os
 
 import torch
 import torch.nn as nn
+import transformers
 from PIL import Image
 
 import families
+
+V5 = int(transformers.__version__.split(".")[0]) >= 5
 
 W = 32  # hidden width of every tiny tower
 CORPUS = ["a red cat sat on a mat", "a blue dog ran in the park today",
@@ -90,9 +93,11 @@ TEMPLATES = {
 
 # ---------------------------------------------------------------- shared pieces
 
-def tokenizer(specials, bos=False, **attributes):
+def tokenizer(specials, bos=False, fast_class="PreTrainedTokenizerFast", **attributes):
     """A byte-level BPE tokenizer trained on CORPUS. `bos`: it adds `<s>` in front of every
-    input, as Llama, Mistral, Gemma and Phi tokenizers do; Qwen's add nothing."""
+    input, as Llama, Mistral, Gemma and Phi tokenizers do; Qwen's add nothing. `fast_class`: the
+    class the checkpoint names, for processors of transformers 4.x that check it (Qwen-VL's);
+    transformers 5 builds every tokenizer.json alike."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<s>", "</s>", "<unk>"] + specials
@@ -106,9 +111,10 @@ def tokenizer(specials, bos=False, **attributes):
         bpe.post_processor = processors.TemplateProcessing(single="<s> $A",
                                                            special_tokens=[("<s>", 1)])
     # saved right-padded on purpose: the code under test must pad on the left itself
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>", padding_side="right",
-                                   **attributes)
+    tokenizer_class = PreTrainedTokenizerFast if V5 else getattr(transformers, fast_class)
+    return tokenizer_class(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                           pad_token="<pad>", unk_token="<unk>", padding_side="right",
+                           **attributes)
 
 
 def text_config(tok, **extra):
@@ -118,26 +124,64 @@ def text_config(tok, **extra):
                 eos_token_id=tok.eos_token_id, **extra)
 
 
+def pil(name):
+    """The image processor class `name` that runs without torchvision: transformers 5 calls it
+    `<name>Pil`, 4.x `<name>` (its fast twin, `<name>Fast`, needs torchvision)."""
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+def rope(**mrope):
+    """A Qwen-VL text config's rope settings: `rope_parameters` in transformers 5, `rope_theta`
+    and `rope_scaling` in 4.x."""
+    parameters = dict(rope_type="default", **mrope)
+    if V5:
+        return dict(rope_parameters={**parameters, "rope_theta": 10000.0})
+    return dict(rope_theta=10000.0, rope_scaling=parameters)
+
+
 def vision_config(image_size, patch_size, **extra):
     return dict(hidden_size=W, intermediate_size=2 * W, num_hidden_layers=1, num_attention_heads=2,
                 image_size=image_size, patch_size=patch_size, **extra)
 
 
-def save(path, model, processor, processor_class=None, video_processor_type=None):
-    """Write model and processor as a hub checkpoint is laid out. `processor_class` renames a
-    test-side subclass to the class the hub names, so the Auto classes resolve it; the video
-    processor the hub checkpoint names is recorded too (loading it needs torchvision)."""
+def save(path, model, processor, video_processor=None):
+    """Write model and processor as a hub download is laid out: the image processor's settings in
+    preprocessor_config.json, the processor's own (if any) in processor_config.json, each naming
+    the processor class; the chat template and the tokenizer files. `video_processor` (a class
+    name): the checkpoint ships a video_preprocessor_config.json naming it (loading it needs
+    torchvision). Qwen2-VL's and Qwen2.5-VL's downloads ship none: AutoVideoProcessor reads their
+    preprocessor_config.json, as it warns."""
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    if processor_class:
-        config_path = os.path.join(path, "processor_config.json")
-        with open(config_path) as f:
-            config = json.load(f)
-        config["processor_class"] = processor_class
-        config["video_processor"] = {"video_processor_type": video_processor_type}
-        with open(config_path, "w") as f:
-            json.dump(config, f, indent=2)
+    # the transformers class, not a test-side subclass (families.images_only builds some here)
+    name = next(c.__name__ for c in type(processor).__mro__ if c.__module__.startswith("transf"))
+    files = {f: os.path.join(path, f"{f}.json") for f in
+             ("processor_config", "preprocessor_config", "video_preprocessor_config")}
+    found = {k: read_json(f) for k, f in files.items() if os.path.isfile(f)}
+    config = found.get("processor_config", {})
+    # transformers 5 nests every sub-processor in processor_config.json, 4.x writes them apart
+    image = config.pop("image_processor", None) or found.get("preprocessor_config")
+    config.pop("video_processor", None)
+    for f in found:
+        os.remove(files[f])
+    if image is not None:
+        write_json(files["preprocessor_config"], {**image, "processor_class": name})
+    if video_processor:
+        write_json(files["video_preprocessor_config"],
+                   {"video_processor_type": video_processor, "processor_class": name})
+    if set(config) - {"processor_class"}:
+        write_json(files["processor_config"], {**config, "processor_class": name})
     return path
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path, value):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
 
 
 def images():
@@ -149,7 +193,7 @@ def images():
 # ---------------------------------------------------------------- one builder per family
 
 def build_llava(path):
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
     tok = tokenizer(["<image>"], bos=True)
     config = LlavaConfig(vision_config=CLIPVisionConfig(**vision_config(16, 8)),
@@ -158,8 +202,8 @@ def build_llava(path):
                          image_seq_length=4, vision_feature_select_strategy="default")
     torch.manual_seed(0)
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 16},
-                                              crop_size={"height": 16, "width": 16}),
+        image_processor=pil("CLIPImageProcessor")(size={"shortest_edge": 16},
+                                                  crop_size={"height": 16, "width": 16}),
         tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=TEMPLATES["llava"])
     return save(path, LlavaForConditionalGeneration(config), processor)
@@ -167,7 +211,7 @@ def build_llava(path):
 
 def build_llava_next(path, template="llava_next_mistral"):
     from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig)
+                              LlavaNextProcessor, MistralConfig)
     tok = tokenizer(["<image>"], bos=True)
     img, patch = 16, 8
     pinpoints = [[img, 2 * img], [2 * img, img], [2 * img, 2 * img]]
@@ -178,7 +222,7 @@ def build_llava_next(path, template="llava_next_mistral"):
         vision_feature_layer=-1, vision_feature_select_strategy="default")
     torch.manual_seed(0)
     processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(
+        image_processor=pil("LlavaNextImageProcessor")(
             size={"shortest_edge": img}, crop_size={"height": img, "width": img},
             image_grid_pinpoints=pinpoints),
         tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
@@ -188,8 +232,7 @@ def build_llava_next(path, template="llava_next_mistral"):
 
 def build_llava_onevision(path, vision_use_head=False):
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor,
-                              Qwen2Config, SiglipVisionConfig)
+                              LlavaOnevisionProcessor, Qwen2Config, SiglipVisionConfig)
     tok = tokenizer(["<image>", "<video>", "<|im_start|>", "<|im_end|>"])
     img, patch = 16, 8
     pinpoints = [[img, 2 * img], [2 * img, img], [2 * img, 2 * img]]
@@ -202,12 +245,12 @@ def build_llava_onevision(path, vision_use_head=False):
         vision_feature_layer=-1, vision_feature_select_strategy="full")
     torch.manual_seed(0)
     processor = families.images_only(LlavaOnevisionProcessor)(
-        image_processor=LlavaOnevisionImageProcessorPil(
+        image_processor=pil("LlavaOnevisionImageProcessor")(
             size={"height": img, "width": img}, image_grid_pinpoints=pinpoints),
         tokenizer=tok, video_processor=None, num_image_tokens=(img // patch) ** 2,
         vision_feature_select_strategy="full", chat_template=TEMPLATES["llava_onevision"])
     return save(path, LlavaOnevisionForConditionalGeneration(config), processor,
-                "LlavaOnevisionProcessor", "LlavaOnevisionVideoProcessor")
+                "LlavaOnevisionVideoProcessor")
 
 
 QWEN_SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>",
@@ -222,20 +265,21 @@ def _qwen_ids(tok):
 
 
 def _qwen_image_processor(patch):
-    from transformers import Qwen2VLImageProcessorPil
     # at most 4x4 merged tokens per image: a few dozen positions in all
-    return Qwen2VLImageProcessorPil(min_pixels=(2 * patch) ** 2, max_pixels=(8 * patch) ** 2,
-                                    patch_size=patch, merge_size=2, temporal_patch_size=2)
+    return pil("Qwen2VLImageProcessor")(min_pixels=(2 * patch) ** 2,
+                                        max_pixels=(8 * patch) ** 2, patch_size=patch,
+                                        merge_size=2, temporal_patch_size=2)
 
 
-# family -> (class name prefix, vision config, extra text config, template, video processor)
+# family -> (class name prefix, vision config, extra text config, template, the video processor
+# named by a video_preprocessor_config.json, which Qwen2-VL's and Qwen2.5-VL's downloads lack)
 QWEN = {
     "qwen2_vl": ("Qwen2VL", dict(depth=1, embed_dim=W, hidden_size=W, num_heads=2, patch_size=4),
-                 {}, "qwen2_vl", "Qwen2VLVideoProcessor"),
+                 {}, "qwen2_vl", None),
     "qwen2_5_vl": ("Qwen2_5_VL", dict(depth=1, hidden_size=W, intermediate_size=2 * W,
                                       num_heads=2, patch_size=4, out_hidden_size=W,
                                       window_size=16, fullatt_block_indexes=[0]),
-                   {}, "qwen2_vl", "Qwen2VLVideoProcessor"),
+                   {}, "qwen2_vl", None),
     "qwen3_vl": ("Qwen3VL", dict(depth=2, hidden_size=W, intermediate_size=2 * W, num_heads=2,
                                  patch_size=4, out_hidden_size=W, num_position_embeddings=16,
                                  deepstack_visual_indexes=[0]),
@@ -250,13 +294,12 @@ QWEN["qwen3_vl_moe"] = ("Qwen3VLMoe", QWEN["qwen3_vl"][1],
 def build_qwen_vl(path, family="qwen2_vl"):
     """Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE: one tokenizer, one image processor, the
     classes named by the family."""
-    import transformers
     prefix, vision, extra, template, video = QWEN[family]
-    tok = tokenizer(QWEN_SPECIALS)
-    rope = dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0,
-                **({"mrope_interleaved": True} if prefix.startswith("Qwen3") else {}))
+    tok = tokenizer(QWEN_SPECIALS, fast_class="Qwen2TokenizerFast")
+    mrope = dict(mrope_section=[2, 3, 3],
+                 **({"mrope_interleaved": True} if prefix.startswith("Qwen3") else {}))
     config = getattr(transformers, f"{prefix}Config")(
-        text_config=text_config(tok, rope_parameters=rope, **extra), vision_config=vision,
+        text_config=text_config(tok, **rope(**mrope), **extra), vision_config=vision,
         **_qwen_ids(tok))
     torch.manual_seed(0)
     processor_class = "Qwen3VLProcessor" if prefix.startswith("Qwen3") else f"{prefix}Processor"
@@ -264,7 +307,7 @@ def build_qwen_vl(path, family="qwen2_vl"):
         image_processor=_qwen_image_processor(4), tokenizer=tok, video_processor=None,
         chat_template=TEMPLATES[template])
     model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
-    return save(path, model, processor, processor_class, video)
+    return save(path, model, processor, video)
 
 
 IDEFICS_SPECIALS = (["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
@@ -273,9 +316,8 @@ IDEFICS_SPECIALS = (["<image>", "<fake_token_around_image>", "<global-img>", "<e
 
 
 def build_idefics3(path):
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration,
-                              Idefics3ImageProcessorPil, Idefics3Processor, Idefics3VisionConfig,
-                              LlamaConfig)
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor,
+                              Idefics3VisionConfig, LlamaConfig)
     tok = tokenizer(IDEFICS_SPECIALS, bos=True)
     img, patch, scale = 16, 4, 2
     config = Idefics3Config(
@@ -285,8 +327,8 @@ def build_idefics3(path):
         pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     processor = Idefics3Processor(
-        image_processor=Idefics3ImageProcessorPil(size={"longest_edge": 2 * img},
-                                                  max_image_size={"longest_edge": img}),
+        image_processor=pil("Idefics3ImageProcessor")(size={"longest_edge": 2 * img},
+                                                      max_image_size={"longest_edge": img}),
         tokenizer=tok, image_seq_len=(img // patch) ** 2 // scale ** 2,
         chat_template=TEMPLATES["idefics3"])
     return save(path, Idefics3ForConditionalGeneration(config), processor)
@@ -294,7 +336,7 @@ def build_idefics3(path):
 
 def build_smolvlm(path):
     from transformers import (LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration,
-                              SmolVLMImageProcessorPil, SmolVLMProcessor, SmolVLMVisionConfig)
+                              SmolVLMProcessor, SmolVLMVisionConfig)
     tok = tokenizer(IDEFICS_SPECIALS)
     img, patch, scale = 16, 4, 2
     config = SmolVLMConfig(
@@ -303,18 +345,17 @@ def build_smolvlm(path):
         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale)
     torch.manual_seed(0)
     processor = families.images_only(SmolVLMProcessor)(
-        image_processor=SmolVLMImageProcessorPil(size={"longest_edge": 2 * img},
-                                                 max_image_size={"longest_edge": img}),
+        image_processor=pil("SmolVLMImageProcessor")(size={"longest_edge": 2 * img},
+                                                     max_image_size={"longest_edge": img}),
         tokenizer=tok, video_processor=None, image_seq_len=(img // patch) ** 2 // scale ** 2,
         chat_template=TEMPLATES["smolvlm"])
-    return save(path, SmolVLMForConditionalGeneration(config), processor, "SmolVLMProcessor",
+    return save(path, SmolVLMForConditionalGeneration(config), processor,
                 "SmolVLMVideoProcessor")
 
 
 def build_gemma3(path):
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration,
-                              Gemma3ImageProcessorPil, Gemma3Processor, Gemma3TextConfig,
-                              SiglipVisionConfig)
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor,
+                              Gemma3TextConfig, SiglipVisionConfig)
     tok = tokenizer(["<start_of_image>", "<end_of_image>", "<image_soft_token>",
                      "<start_of_turn>", "<end_of_turn>"], bos=True,
                     extra_special_tokens={"boi_token": "<start_of_image>",
@@ -330,7 +371,7 @@ def build_gemma3(path):
         eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"))
     torch.manual_seed(0)
     processor = Gemma3Processor(
-        image_processor=Gemma3ImageProcessorPil(size={"height": img, "width": img}),
+        image_processor=pil("Gemma3ImageProcessor")(size={"height": img, "width": img}),
         tokenizer=tok, image_seq_length=tokens, chat_template=TEMPLATES["gemma3"])
     model = Gemma3ForConditionalGeneration(config)
     # its projector starts at zero, which would make every image embed alike
@@ -339,8 +380,8 @@ def build_gemma3(path):
 
 
 def build_internvl(path):
-    from transformers import (GotOcr2ImageProcessorPil, InternVLConfig,
-                              InternVLForConditionalGeneration, InternVLProcessor, Qwen2Config)
+    from transformers import (InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor,
+                              Qwen2Config)
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
     tok = tokenizer(["<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>", "<|im_end|>"],
                     extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
@@ -356,8 +397,19 @@ def build_internvl(path):
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=tokens)
     torch.manual_seed(0)
     processor = families.images_only(InternVLProcessor)(
-        image_processor=GotOcr2ImageProcessorPil(size={"height": img, "width": img},
-                                                 crop_to_patches=True, max_patches=3),
+        image_processor=pil("GotOcr2ImageProcessor")(size={"height": img, "width": img},
+                                                     crop_to_patches=True, max_patches=3),
         tokenizer=tok, image_seq_length=tokens, chat_template=TEMPLATES["internvl"])
-    return save(path, InternVLForConditionalGeneration(config), processor, "InternVLProcessor",
+    return save(path, InternVLForConditionalGeneration(config), processor,
                 "InternVLVideoProcessor")
+
+
+def build_llama(path):
+    """A text-only LLM (Llama), which no --family turns into an MLLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = tokenizer([], bos=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**text_config(tok)))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
