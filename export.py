@@ -28,6 +28,7 @@ import transformers
 
 import families
 import model as M
+import processors
 import stages
 
 MANIFEST = "export.json"  # names what an export wrote, so --overwrite removes nothing else
@@ -375,9 +376,9 @@ def check_processor(folder, processor, family, trust_remote_code=False):
     image into the tensors the run's processor gives: an export never drops images (one that
     named a class transformers lacks gave users a bare tokenizer). They name the real class,
     and hold the video processor's config where the class has one: AutoProcessor builds the
-    whole processor wherever torchvision is installed (families.images_only)."""
+    whole processor wherever torchvision is installed (processors.images_only)."""
     from PIL import Image
-    again = families.load_processor(folder, family, trust_remote_code=trust_remote_code)
+    again = processors.load_processor(folder, family, trust_remote_code=trust_remote_code)
     row = dict(texts=["a red square"], images=[Image.new("RGB", (40, 28), (200, 30, 90))])
     ours, theirs = (families.process(p, family, **row) for p in (processor, again))
     if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):

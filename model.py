@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import data
 import families
+import processors
 
 
 # ---------------------------------------------------------------- loading any MLLM
@@ -45,8 +46,8 @@ def load_mllm(name_or_path, dtype=torch.float32, device="cpu", trust_remote_code
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     # Phi-3.5-V: at most 4 crops of 336 px per image, as UniME's MMEB evaluation runs it
     crops = {"num_crops": 4} if family == "phi3_v" else {}
-    processor = families.load_processor(name_or_path, family, trust_remote_code=trust_remote_code,
-                                        **crops)
+    processor = processors.load_processor(name_or_path, family,
+                                          trust_remote_code=trust_remote_code, **crops)
     return (model if load_in_4bit else model.to(device)), processor, family
 
 

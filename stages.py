@@ -15,8 +15,8 @@ import uuid
 
 import torch
 
-import families
 import model as M
+import processors
 
 TEMP = ".tmp-unime_{}_" + os.uname()[1].replace("_", "-") + "_"  # pid, host: remove_stale_temp
 
@@ -210,7 +210,7 @@ def require_model(path, trust_remote_code=False, family=None):
         config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise SystemExit(M.missing_model(base, e)) from None
-    families.load_processor(base, family or getattr(config, "model_type", None),
+    processors.load_processor(base, family or getattr(config, "model_type", None),
                             trust_remote_code=trust_remote_code)
 
 
