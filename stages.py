@@ -4,6 +4,7 @@ model the stage started from), the chain of outputs (stage 2 -> stage 1 -> base)
 `stage_chain` walks and `load_embedder` loads as one model; and models known by the content of
 their files, so a changed or copied-and-edited model is never taken for another.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -67,14 +68,62 @@ def save_atomic(path, obj):
 
 
 def save_pretrained(out, model, processor, before_rename=None):
-    """model's and processor's save_pretrained through save_atomic; nothing else in `out`.
-    before_rename gets the names written, before any is in place (a run records them)."""
+    """write_pretrained through save_atomic; nothing else in `out`. before_rename gets the
+    names written, before any is in place (a run records them)."""
     def fill(folder):
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+        write_pretrained(folder, model, processor)
         if before_rename:
             before_rename(os.listdir(folder))
     return save_atomic(out, fill)
+
+
+def write_pretrained(folder, model, processor):
+    """model's and processor's save_pretrained into `folder`, remote code's quirks (savable) too:
+    a full fine-tune's stage output and an export of Phi-3.5-V save as any model does."""
+    with savable(model, processor):
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+
+@contextlib.contextmanager
+def savable(model, processor):
+    """While `model` and `processor` are saved: a module registered under two names is saved
+    under its first only (Phi-3.5-V's `vision_embed_tokens.wte` IS `embed_tokens`: safetensors
+    refuses a tensor shared by two keys; the hub's checkpoint holds it once and the model's own
+    code links the second name again when it loads); a list of `_tied_weights_keys` (remote
+    code written for transformers 4) is given as the dict transformers 5 reads; a processor
+    whose own `__init__` skips ProcessorMixin's (Phi-3.5-V's) gets the attributes that one sets
+    and saving reads (`chat_template`; 4.x: `audio_tokenizer`), as None. Restored after."""
+    seen, aliases = set(), []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in seen and not any(name.startswith(f"{a}.") for a in aliases):
+            aliases.append(name)
+        seen.add(id(module))
+    parents, classes = {}, []
+    for name in aliases:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        parents.setdefault(id(parent), (parent, dict(parent._modules)))
+        del parent._modules[child]
+    for module in model.modules():
+        if isinstance(module.__dict__.get("_tied_weights_keys",
+                                          getattr(module, "_tied_weights_keys", None)), list):
+            classes.append(module)
+            module._tied_weights_keys = dict.fromkeys(module._tied_weights_keys)
+    unset = [name for name in {"chat_template", *getattr(processor, "optional_attributes", [])}
+             if not hasattr(processor, name)]
+    for name in unset:
+        setattr(processor, name, None)
+    try:
+        yield model
+    finally:
+        for parent, modules in parents.values():
+            parent._modules.clear()
+            parent._modules.update(modules)
+        for module in classes:
+            del module._tied_weights_keys  # the class's list shows again
+        for name in unset:
+            delattr(processor, name)
 
 
 TEMP_NAME = re.compile(r"\.tmp-unime_(\d+)_([^_]+)_[a-z0-9_]{8}$")  # TEMP + mkstemp's
