@@ -280,12 +280,12 @@ def test_k_grid_cells_are_the_runs_own_scores_the_a_a_pair_starts_equal_and_runs
     assert list(results) == ["k = 4", aa_k, aa_whole]
     folders = {"k = 4": "k/k4", aa_k: "k/k7", aa_whole: "losses/masked-infonce"}
     import eval as ev
-    import model as M
+    import stages
     for label, folder in folders.items():
         for i, seed in enumerate((0, 1)):
             out = tmp_path / f"{folder}-s{seed}"
             # each cell is that run's model scored anew, and its logged false-negative share
-            model, processor, family = M.load_embedder(str(out), "cpu")
+            model, processor, family = stages.load_embedder(str(out), "cpu")
             scores = small(ev.make_encoder(model.eval(), processor, family, device="cpu"))
             for metric in ablate.METRICS:
                 assert results[label][metric][i] == pytest.approx(scores[metric], abs=1e-9)
