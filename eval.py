@@ -15,6 +15,7 @@ zero-shot benchmarks use the "in one word" prompts in the chat template, images 
     python eval.py --task sugarcrepe --image-root coco/val2017   # the 7 splits in assets/
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -69,10 +70,8 @@ def hit_at_1(queries, candidates, cand_index):
     other one strictly. queries (n, d), candidates (m, d), cand_index[i] = rows of query i's
     candidates, gold first; a candidate that is the gold's own row (the same input listed
     twice) is the gold, not a rival. One row at a time: memory follows one candidate list."""
-    hits = 0
-    for q, idx in zip(queries, cand_index):
-        idx = torch.as_tensor(idx)
-        hits += int(gold_rank((candidates[idx] @ q)[None], (idx == idx[0])[None]).item() == 0)
+    hits = sum(int(gold_rank((candidates[i] @ q)[None], (i == i[0])[None]).item() == 0)
+               for q, i in zip(queries, map(torch.as_tensor, cand_index)))
     return hits / len(cand_index)
 
 
@@ -197,20 +196,14 @@ class EmbeddingCache:
 
 def make_encoder(model, processor, family, batch_size=64, device="cpu", stage1_sum=False,
                  amp=None, max_length=None, resolution=None):
-    """inputs [(text, image, instruction)] -> (n, d), opening images one batch at a time
-    (resized by families.prepare_image to `resolution`; prompts cut to `max_length` tokens).
-    stage1_sum is the UniME† protocol (§3.2.2): only the "in one word" prompts; an input with
-    words and an image (MMEB: instruction text besides `<|image_1|>`) is embedded as text and
-    as image separately, the two summed, then normalized."""
-    def encode(inputs):
-        out = []
-        for s in range(0, len(inputs), batch_size):
-            texts, images, instructions = map(list, zip(*inputs[s:s + batch_size]))
-            images = [families.prepare_image(family, data.load_image(im), resolution)
-                      if im is not None else None for im in images]
-            out.append(M.encode(model, processor, family, texts, images, instructions,
-                                batch_size, device, amp, max_length))
-        return torch.cat(out)
+    """inputs [(text, image, instruction)] -> (n, d): M.embed_inputs, images resized to
+    `resolution`, prompts cut to `max_length` tokens. stage1_sum is the UniME† protocol
+    (§3.2.2): only the "in one word" prompts; an input with words and an image (MMEB:
+    instruction text besides `<|image_1|>`) is embedded as text and as image separately, the
+    two summed, then normalized."""
+    encode = functools.partial(M.embed_inputs, model, processor, family, batch_size=batch_size,
+                               device=device, amp=amp, max_length=max_length,
+                               resolution=resolution)
 
     def summed(inputs):
         words = [families.MMEB_IMAGE_TAG.sub("", t if t is not None else ins or "").strip()
@@ -260,7 +253,6 @@ def load_for_eval(path, device="cpu", dtype="auto", trust_remote_code=False, fam
                            max_length, image_size)
     return lambda inputs: M.require_finite(cache.embed(
         inputs, lambda block: M.require_finite(encoder(block), path)), path)
-
 
 
 # ---------------------------------------------------------------- the benchmarks

@@ -237,20 +237,24 @@ def checkpoint_activations(model):
 
 # ---------------------------------------------------------------- the Python API
 
-def embed_inputs(model, processor, family, inputs, batch_size=64, device="cpu", amp=None):
+def embed_inputs(model, processor, family, inputs, batch_size=64, device="cpu", amp=None,
+                 max_length=None, resolution=None):
     """[(text, image, instruction)] -> (n, d) L2-normalized float32 embeddings, in order, for a
     model from load_embedder (a stage output, an export or an HF id). `image` is a path or a PIL
-    image; any entry may be None. Without an instruction, text and images get the zero-shot
-    "in one word" prompts (§3.1); with one, the MMEB format, the text after the instruction."""
+    image, opened a batch at a time (resized by families.prepare_image to `resolution`); any
+    entry may be None. Without an instruction, text and images get the zero-shot "in one word"
+    prompts (§3.1); with one, the MMEB format, the text after the instruction (cut to
+    `max_length` tokens as the official pipeline cuts it)."""
     out = []
     for s in range(0, len(inputs), batch_size):
         texts, images, instructions = map(list, zip(*inputs[s:s + batch_size]))
         instructions = [ins if ins is None or t is None else f"{ins} {t}"
                         for t, ins in zip(texts, instructions)]
         texts = [t if ins is None else None for t, ins in zip(texts, instructions)]
-        images = [data.load_image(im) if im is not None else None for im in images]
+        images = [families.prepare_image(family, data.load_image(im), resolution)
+                  if im is not None else None for im in images]
         out.append(encode(model, processor, family, texts, images, instructions, batch_size,
-                          device, amp))
+                          device, amp, max_length))
     return torch.cat(out)
 
 
