@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from tools.bench_step import gradcache_step  # noqa: E402,F401  (GradCache's three steps)
 import toy.default  # noqa: E402
 import toy.pretrain  # noqa: E402
 
@@ -26,17 +27,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: over ~5 s on 2 cores (training runs, subprocesses, "
                             "network retries); `-m 'not slow'` leaves them out")
-
-
-def gradcache_step(model, sides, loss_fn, device="cpu", amp=None):
-    """GradCache's three steps (§4.1) around loss_fn({side: (n, d)}) -> (loss, stats), from
-    train.py's two passes, as train.train_step runs them around the stage's loss."""
-    import train
-    reps, states = train.gradcache_embed(model, sides, device, amp)
-    loss, stats = loss_fn(reps)
-    loss.backward()
-    train.gradcache_backward(model, sides, reps, states, device, amp)
-    return loss.detach(), stats
 
 
 def unit(n, d, seed=0, dtype=torch.float64):

@@ -98,7 +98,8 @@ def tokenizer(specials, bos=False, fast_class="PreTrainedTokenizerFast", **attri
     input, as Llama, Mistral, Gemma and Phi tokenizers do; Qwen's add nothing. `fast_class`: the
     class the checkpoint names, for processors of transformers 4.x that check it (Qwen-VL's);
     transformers 5 builds every tokenizer.json alike."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing  # not the project's processors.py
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<s>", "</s>", "<unk>"] + specials
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -108,8 +109,7 @@ def tokenizer(specials, bos=False, fast_class="PreTrainedTokenizerFast", **attri
         vocab_size=300, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     if bos:
-        bpe.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                           special_tokens=[("<s>", 1)])
+        bpe.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     # saved right-padded on purpose: the code under test must pad on the left itself
     tokenizer_class = PreTrainedTokenizerFast if V5 else getattr(transformers, fast_class)
     return tokenizer_class(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
