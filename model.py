@@ -225,8 +225,6 @@ def load_lora(model, state):
     model.load_state_dict(state, strict=False)
 
 
-
-
 def checkpoint_activations(model):
     """HF's gradient checkpointing (activation checkpointing from transformers 5.24), non-reentrant:
     its recomputation restores the RNG state, so LoRA dropout repeats, as GradCache needs."""
