@@ -155,9 +155,8 @@ def remove_stale_temp(folder, locked=False):
 
 
 def process_alive(pid):
-    """Whether process `pid` runs on this host; this process counts as dead (its own writers
-    remove their temporary files when they fail, so one with its number is a leftover of an
-    earlier process that had the same number)."""
+    """Whether process `pid` runs on this host; this one counts as dead (its writers remove their
+    own temporary files when they fail: one with its number is an earlier process's leftover)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
