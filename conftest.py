@@ -29,6 +29,17 @@ def pytest_configure(config):
                             "network retries); `-m 'not slow'` leaves them out")
 
 
+def random_lora_b(model, std=0.1):
+    """Every adapter's B drawn at random (LoRA starts it at zero), so the adapters change the
+    outputs and A gets gradients."""
+    import model as M
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, M.LoRALinear):
+                m.lora_B.normal_(std=std)
+    return model
+
+
 def unit(n, d, seed=0, dtype=torch.float64):
     """(n, d) random L2-normalized rows, the same for the same seed."""
     g = torch.Generator().manual_seed(seed)
