@@ -3,8 +3,8 @@
 The embedding of an input is the final-layer hidden state of its *last real token* under a
 summarizing prompt ("... Summary above image in one word:"), L2-normalized. Any Hugging Face
 image-text-to-text model of a family in families.py works; that file holds what differs
-between families (prompts, batching, truncation, image sizes, LoRA targets).
-What a stage of train.py writes, and how it loads back as one model: runs.py.
+between families (prompts, batching, truncation, image sizes, LoRA targets), processors.py how
+a family's processor loads. What a stage of train.py writes, and how it loads back: stages.py.
 """
 import math
 import os
