@@ -314,7 +314,7 @@ def test_k_grid_cells_are_the_runs_own_scores_the_a_a_pair_starts_equal_and_runs
 def test_parallel_runs_each_log_to_their_own_file_and_a_failure_names_its_run(tmp_path):
     # two runs in two processes whose command lines train.py refuses: both are reported by
     # folder, each one's message is in its own <run>.log, and nothing is recorded as finished
-    runs = [(str(tmp_path / name), ["--stage", "2", "--k", "0", "--loss", loss])
+    runs = [(str(tmp_path / name), ["--stage", "2", "--k", "2", "--loss", loss])
             for name, loss in (("a", "masked-infonce"), ("b", "hardness-weighted"))]
     with pytest.raises(SystemExit) as failed:
         ablate.train_all(runs, jobs=2)
