@@ -165,9 +165,10 @@ def write_sentence_transformers(out, model, processor, family):
             raise ValueError("its remote code registers AutoModelForCausalLM only (sentence-"
                              "transformers loads AutoModel) and its processor takes one prompt "
                              "per call")
-        with open(os.path.join(out, "processor_config.json"), encoding="utf-8") as f:
-            saved = json.load(f).get("processor_class")
-        if not hasattr(transformers, str(saved)):  # AutoProcessor would give a bare tokenizer
+        # the class AutoProcessor builds from the files (transformers 4.x may write no
+        # processor_config.json); one transformers lacks would give a bare tokenizer
+        saved = processors.processor_class_name(out) or None
+        if not hasattr(transformers, str(saved)):
             raise ValueError(f"its processor is saved as {saved}, a class transformers does "
                              f"not have, and sentence-transformers would drop every image")
         template = sentence_transformers_template(family, processor)
