@@ -2,8 +2,8 @@
 
 Each value comes from the first of: the command line, a preset (§4.1, Table 6: one per paper
 backbone; `--preset paper` picks --model's), the embedded default's settings (toy/default.py,
-which train.py passes when no --model is given), DEFAULTS of the stage and, in stage 2, LOSSES
-of its loss. `resolve` is the one place that applies this order. Every value given on the
+which train.py passes when no --model is given), in stage 2 LOSSES of its loss, then DEFAULTS
+of the stage. `resolve` is the one place that applies this order. Every value given on the
 command line is checked when it is parsed, before any work, and every resolved one again: a bad
 value fails in a second naming the flag and what it allows, and a flag that this run would not
 use is refused, never ignored.
@@ -267,11 +267,9 @@ def backbone_family(name, family=None):
 
 
 def resolve(args, settings=None):
-    """Every value of the run, each from the first layer that sets it: the command line
-    (`args`), the preset, `settings` (the embedded default's), LOSSES of stage 2's loss (its
-    own defaults: LLaVE's loss has no β mask unless asked), then DEFAULTS of the stage; then
-    the values that follow from them, every one checked. The length in steps waits for the
-    data (fit_to_data)."""
+    """Every value from the first layer that sets it (the module docstring's order; LLaVE's loss
+    has no β mask unless asked), then the values that follow from them, every one checked. The
+    length in steps waits for the data (fit_to_data)."""
     given = {key for key, value in vars(args).items() if value is not None}
     layers = [PRESETS[preset_name(args)][args.stage] if args.preset else {}, settings or {},
               DEFAULTS[args.stage]]
@@ -335,17 +333,16 @@ def read_rows(args):
         if args.hard_negatives and any("hard_neg" not in r for r in rows):
             raise SystemExit(f"--hard-negatives: {args.data} has rows without hard_neg")
         n_eval = min(args.eval_pairs, len(rows) // 10)
-        train_rows, heldout = rows[:len(rows) - n_eval], rows[len(rows) - n_eval:]
-        return {"n_rows": len(train_rows), "rows": functools.partial(take, train_rows),
-                "heldout": heldout, "report": None}
-    table, skipped = [], []
-    for path in args.data.split(","):
-        rows, why = data.read_mmeb_train(path, args.image_root, args.skip_missing_images)
-        table, skipped = table + rows, skipped + why
-    print(f"MMEB-train: {len(table)} pairs, {len(skipped)} rows skipped for missing or "
-          f"unreadable images" + "".join(f"\n  {w}" for w in skipped[:3]) +
-          ("\n  ..." if len(skipped) > 3 else ""))
-    return {"n_rows": len(table), "rows": functools.partial(take, table), "heldout": [],
+        table, heldout = rows[:len(rows) - n_eval], rows[len(rows) - n_eval:]
+    else:
+        table, skipped, heldout = [], [], []
+        for path in args.data.split(","):
+            rows, why = data.read_mmeb_train(path, args.image_root, args.skip_missing_images)
+            table, skipped = table + rows, skipped + why
+        print(f"MMEB-train: {len(table)} pairs, {len(skipped)} rows skipped for missing or "
+              f"unreadable images" + "".join(f"\n  {w}" for w in skipped[:3]) +
+              ("\n  ..." if len(skipped) > 3 else ""))
+    return {"n_rows": len(table), "rows": functools.partial(take, table), "heldout": heldout,
             "report": None}
 
 

@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from tools.bench_step import gradcache_step  # noqa: E402,F401  (GradCache's three steps)
 import toy.default  # noqa: E402
 import toy.pretrain  # noqa: E402
 
@@ -28,15 +29,15 @@ def pytest_configure(config):
                             "network retries); `-m 'not slow'` leaves them out")
 
 
-def gradcache_step(model, sides, loss_fn, device="cpu", amp=None):
-    """GradCache's three steps (§4.1) around loss_fn({side: (n, d)}) -> (loss, stats), from
-    train.py's two passes, as train.train_step runs them around the stage's loss."""
-    import train
-    reps, states = train.gradcache_embed(model, sides, device, amp)
-    loss, stats = loss_fn(reps)
-    loss.backward()
-    train.gradcache_backward(model, sides, reps, states, device, amp)
-    return loss.detach(), stats
+def random_lora_b(model, std=0.1):
+    """Every adapter's B drawn at random (LoRA starts it at zero), so the adapters change the
+    outputs and A gets gradients."""
+    import model as M
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, M.LoRALinear):
+                m.lora_B.normal_(std=std)
+    return model
 
 
 def unit(n, d, seed=0, dtype=torch.float64):

@@ -61,8 +61,7 @@ def read_records(path):
 
 
 def read_text(path):
-    """A UTF-8 text file (a byte-order mark is dropped); other encodings are an error naming
-    the file."""
+    """A UTF-8 text file (a byte-order mark dropped); another encoding is an error naming it."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             return f.read()
@@ -344,8 +343,7 @@ def read_caption_set(path, image_root="", max_captions=None, limit=None):
                 raise FileNotFoundError(f"{path}, row {n}: caption file {txt} not found")
             pairs.append((n, os.path.join(sub("image"), name), read_lines(txt)[0].strip()))
     elif str(path).endswith(".json"):
-        with open(path, encoding="utf-8-sig") as f:
-            pairs = list(enumerate(json.load(f)[:limit], 1))
+        pairs = list(enumerate(json.loads(read_text(path))[:limit], 1))
         for i, (n, r) in enumerate(pairs):
             try:
                 pairs[i] = (n, r["image"], r["conversations"][1]["value"].replace("\n", " "))
@@ -371,10 +369,8 @@ def read_caption_set(path, image_root="", max_captions=None, limit=None):
 
 def read_sugarcrepe(path, image_root=""):
     """One SugarCrepe split {id: {filename, caption, negative_caption}} -> [(image, pos, neg)]."""
-    with open(path, encoding="utf-8-sig") as f:
-        split = json.load(f)
     rows = []
-    for n, (key, r) in enumerate(split.items(), 1):
+    for n, (key, r) in enumerate(json.loads(read_text(path)).items(), 1):
         fields = ("filename", "caption", "negative_caption")
         if not isinstance(r, dict) or not all(isinstance(r.get(k), str) and r[k] for k in fields):
             raise ValueError(f"{path}, row {n} (id {key}): needs {', '.join(fields)}")

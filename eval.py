@@ -15,6 +15,7 @@ zero-shot benchmarks use the "in one word" prompts in the chat template, images 
     python eval.py --task sugarcrepe --image-root coco/val2017   # the 7 splits in assets/
 """
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -69,10 +70,8 @@ def hit_at_1(queries, candidates, cand_index):
     other one strictly. queries (n, d), candidates (m, d), cand_index[i] = rows of query i's
     candidates, gold first; a candidate that is the gold's own row (the same input listed
     twice) is the gold, not a rival. One row at a time: memory follows one candidate list."""
-    hits = 0
-    for q, idx in zip(queries, cand_index):
-        idx = torch.as_tensor(idx)
-        hits += int(gold_rank((candidates[idx] @ q)[None], (idx == idx[0])[None]).item() == 0)
+    hits = sum(int(gold_rank((candidates[i] @ q)[None], (i == i[0])[None]).item() == 0)
+               for q, i in zip(queries, map(torch.as_tensor, cand_index)))
     return hits / len(cand_index)
 
 
@@ -155,16 +154,15 @@ class EmbeddingCache:
         self.dir = os.path.join(cache_dir, digest) if cache_dir else None
         if self.dir:  # a shard being written when its writer was killed
             stages.remove_stale_temp(self.dir)
-        for name in sorted(os.listdir(self.dir)) if self.dir and os.path.isdir(self.dir) else []:
-            if name.endswith(".pt"):
-                try:
-                    shard = torch.load(os.path.join(self.dir, name), weights_only=True)
-                except Exception as e:  # not written by save_atomic: bit rot, a foreign file
-                    raise SystemExit(f"{os.path.join(self.dir, name)}: not an embedding cache "
-                                     f"shard ({type(e).__name__}); delete it and its inputs "
-                                     f"are embedded again") from None
-                if shard.get("model_id") == model_id:
-                    self.vectors.update(zip(shard["keys"], shard["vectors"]))
+        names = sorted(os.listdir(self.dir)) if self.dir and os.path.isdir(self.dir) else []
+        for path in [os.path.join(self.dir, name) for name in names if name.endswith(".pt")]:
+            try:
+                shard = torch.load(path, weights_only=True)
+            except Exception as e:  # not written by save_atomic: bit rot, a foreign file
+                raise SystemExit(f"{path}: not an embedding cache shard ({type(e).__name__}); "
+                                 f"delete it and its inputs are embedded again") from None
+            if shard.get("model_id") == model_id:
+                self.vectors.update(zip(shard["keys"], shard["vectors"]))
 
     def key(self, x):
         text, image, instruction = x
@@ -197,20 +195,14 @@ class EmbeddingCache:
 
 def make_encoder(model, processor, family, batch_size=64, device="cpu", stage1_sum=False,
                  amp=None, max_length=None, resolution=None):
-    """inputs [(text, image, instruction)] -> (n, d), opening images one batch at a time
-    (resized by families.prepare_image to `resolution`; prompts cut to `max_length` tokens).
-    stage1_sum is the UniME† protocol (§3.2.2): only the "in one word" prompts; an input with
-    words and an image (MMEB: instruction text besides `<|image_1|>`) is embedded as text and
-    as image separately, the two summed, then normalized."""
-    def encode(inputs):
-        out = []
-        for s in range(0, len(inputs), batch_size):
-            texts, images, instructions = map(list, zip(*inputs[s:s + batch_size]))
-            images = [families.prepare_image(family, data.load_image(im), resolution)
-                      if im is not None else None for im in images]
-            out.append(M.encode(model, processor, family, texts, images, instructions,
-                                batch_size, device, amp, max_length))
-        return torch.cat(out)
+    """inputs [(text, image, instruction)] -> (n, d): M.embed_inputs, images resized to
+    `resolution`, prompts cut to `max_length` tokens. stage1_sum is the UniME† protocol
+    (§3.2.2): only the "in one word" prompts; an input with words and an image (MMEB:
+    instruction text besides `<|image_1|>`) is embedded as text and as image separately, the
+    two summed, then normalized."""
+    encode = functools.partial(M.embed_inputs, model, processor, family, batch_size=batch_size,
+                               device=device, amp=amp, max_length=max_length,
+                               resolution=resolution)
 
     def summed(inputs):
         words = [families.MMEB_IMAGE_TAG.sub("", t if t is not None else ins or "").strip()
@@ -234,12 +226,12 @@ def load_model(path, device="cpu", dtype="auto", trust_remote_code=False, family
 def load_for_eval(path, device="cpu", dtype="auto", trust_remote_code=False, family=None,
                   batch_size=64, stage1_sum=False, cache_dir=None, mmeb=False,
                   image_size="official"):
-    """inputs -> embeddings for one model, through a cache keyed by the model's content (NaN
-    or inf embeddings stop the evaluation, naming the model: they are never cached or scored).
-    mmeb: MMEB's protocol (VLM2Vec's, which UniME's MMEB numbers come from): prompts cut to the
-    family's official max_len and, with image_size "official", images resized to the family's
-    official evaluation size. The zero-shot tasks keep images as they are (deepglint's
-    evaluation passes them to the processor unchanged). Any other image_size applies to all."""
+    """inputs -> embeddings for one model, through a cache keyed by the model's content (NaN or
+    inf embeddings stop the evaluation, naming the model: never cached or scored). mmeb: MMEB's
+    protocol (VLM2Vec's, which UniME's MMEB numbers come from): prompts cut to the family's
+    official max_len and, with image_size "official", images at its official evaluation size;
+    the zero-shot tasks keep images as they are (deepglint's evaluation passes them to the
+    processor unchanged). Any other image_size applies to all."""
     before = stages.model_identity(path) if os.path.isdir(path) else None  # a hub id: after download
     model, processor, family, amp = load_model(path, device, dtype, trust_remote_code, family)
     identity = stages.model_identity(path)  # by content: a changed copy is another model
@@ -260,7 +252,6 @@ def load_for_eval(path, device="cpu", dtype="auto", trust_remote_code=False, fam
                            max_length, image_size)
     return lambda inputs: M.require_finite(cache.embed(
         inputs, lambda block: M.require_finite(encoder(block), path)), path)
-
 
 
 # ---------------------------------------------------------------- the benchmarks
@@ -354,23 +345,21 @@ def parse_args(argv=None):
         p.error(f"--task {args.task} needs --data")
     for name in ("batch_size", "max_captions", "limit"):  # each a count: at least one
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            p.error(f"{config.flag(name)} must be at least 1, got {getattr(args, name)}")
     for flag in ("max_captions", "limit"):  # used by retrieval only: refused, not ignored
         if getattr(args, flag) is not None and args.task != "retrieval":
-            p.error(f"--{flag.replace('_', '-')} is a retrieval setting, not {args.task}'s")
+            p.error(f"{config.flag(flag)} is a retrieval setting, not {args.task}'s")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    read, run = {"mmeb": (lambda p: data.read_mmeb_eval(p, args.image_root), run_mmeb),
-                 "retrieval": (lambda p: data.read_caption_set(p, args.image_root,
-                                                               args.max_captions, args.limit),
-                               run_retrieval),
-                 "sugarcrepe": (lambda p: data.read_sugarcrepe(p, args.image_root),
-                                run_sugarcrepe)}[args.task]
+    read, run = {"mmeb": (data.read_mmeb_eval, run_mmeb),
+                 "retrieval": (functools.partial(data.read_caption_set, limit=args.limit,
+                                                 max_captions=args.max_captions), run_retrieval),
+                 "sugarcrepe": (data.read_sugarcrepe, run_sugarcrepe)}[args.task]
     try:  # every dataset read and its images checked once, before any model loads
-        datasets = {path: read(path) for path in args.data}
+        datasets = {path: read(path, args.image_root) for path in args.data}
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     results = {}

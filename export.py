@@ -15,10 +15,8 @@ OUT_DIR gets
 The export is built in a temporary folder beside OUT_DIR and renamed into place when complete.
 """
 import argparse
-import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -28,11 +26,19 @@ import transformers
 
 import families
 import model as M
+import processors
 import stages
 
 MANIFEST = "export.json"  # names what an export wrote, so --overwrite removes nothing else
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+def asset(name):
+    """A text template of assets/: the model card's sections, the sentence-transformers prompts."""
+    with open(os.path.join(ASSETS, name), encoding="utf-8") as f:
+        return f.read()
 
 
 def peft_adapter(loras, base_name):
@@ -50,47 +56,6 @@ def peft_adapter(loras, base_name):
               "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "inference_mode": True, "modules_to_save": None}
     return tensors, config
-
-
-@contextlib.contextmanager
-def savable(model, processor):
-    """While `model` and `processor` are saved: a module registered under two names is saved
-    under its first only (Phi-3.5-V's `vision_embed_tokens.wte` IS `embed_tokens`: safetensors
-    refuses a tensor shared by two keys; the hub's checkpoint holds it once and the model's own
-    code links the second name again when it loads); a list of `_tied_weights_keys` (remote
-    code written for transformers 4) is given as the dict transformers 5 reads; a processor
-    whose own `__init__` skips ProcessorMixin's (Phi-3.5-V's) gets the attributes that one sets
-    and saving reads (`chat_template`; 4.x: `audio_tokenizer`), as None. Restored after."""
-    seen, aliases = set(), []
-    for name, module in model.named_modules(remove_duplicate=False):
-        if id(module) in seen and not any(name.startswith(f"{a}.") for a in aliases):
-            aliases.append(name)
-        seen.add(id(module))
-    parents, classes = {}, []
-    for name in aliases:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        parents.setdefault(id(parent), (parent, dict(parent._modules)))
-        del parent._modules[child]
-    for module in model.modules():
-        if isinstance(module.__dict__.get("_tied_weights_keys",
-                                          getattr(module, "_tied_weights_keys", None)), list):
-            classes.append(module)
-            module._tied_weights_keys = dict.fromkeys(module._tied_weights_keys)
-    unset = [name for name in {"chat_template", *getattr(processor, "optional_attributes", [])}
-             if not hasattr(processor, name)]
-    for name in unset:
-        setattr(processor, name, None)
-    try:
-        yield model
-    finally:
-        for parent, modules in parents.values():
-            parent._modules.clear()
-            parent._modules.update(modules)
-        for module in classes:
-            del module._tied_weights_keys  # the class's list shows again
-        for name in unset:
-            delattr(processor, name)
 
 
 def write_adapter(folder, tensors, config):
@@ -144,41 +109,10 @@ def model_card(chain, root, family, processor, adapter_base):
              f"which needs torchvision (`pip install torchvision`)." if hasattr(
                  processor, "video_processor") or hasattr(processor, "video_processor_config")
              else "")
-    return f"""# UniME embedding model from {root}
-
-A universal multimodal embedding model trained with UniME (Gu et al. 2025, arXiv 2504.17432)
-from **{root}** (family `{family}`). Stages, in order:
-{chr(10).join(lines)}
-
-This folder is the merged model: `{loader}` and `AutoProcessor` load it.{video}
-{adapter}
-
-## Prompts
-Text: `{text_prompt!r}` (with `{{text}}` replaced)
-Image: `{image_prompt!r}`
-MMEB-style input (the data's own instruction, VLM2Vec's format): `{mmeb_prompt!r}`
-
-## Embeddings (last token, left padding, L2-normalized)
-```python
-import torch, torch.nn.functional as F
-from PIL import Image
-from transformers import {loader}, AutoProcessor
-model = {loader}.from_pretrained(FOLDER{remote}).eval()
-processor = AutoProcessor.from_pretrained(FOLDER{remote})
-processor.tokenizer.padding_side = "left"  # the last position is then every row's last token
-
-def embed(prompts, images=None):  # images: one PIL image per prompt{one_per_call}
-    images = [[image] for image in images] if images else None
-    batch = processor(text=prompts, images=images, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model.model(**batch).last_hidden_state  # the base model: no LM head
-    return F.normalize(hidden[:, -1].float(), dim=-1)
-
-texts = embed([{text_prompt!r}.replace("{{text}}", "a red circle")])
-images = embed([{image_prompt!r}], [Image.open("circle.png")])
-print(texts @ images.T)  # cosine similarity
-```
-"""
+    return asset("model-card.md").format(
+        root=root, family=family, stages="\n".join(lines), loader=loader, video=video,
+        adapter=adapter, text_prompt=text_prompt, image_prompt=image_prompt,
+        mmeb_prompt=mmeb_prompt, remote=remote, one_per_call=one_per_call)
 
 
 # ---------------------------------------------------------------- a sentence-transformers model
@@ -188,42 +122,11 @@ ST_MODULES = [("", "sentence_transformers.base.modules.transformer.Transformer")
               ("1_Pooling", "sentence_transformers.sentence_transformer.modules.pooling.Pooling"),
               ("2_Normalize", "sentence_transformers.sentence_transformer.modules.normalize."
                               "Normalize")]  # 5.4's paths; 6.x maps them to its own
-# sentence-transformers turns every input into one chat message (a prompt becomes a system
-# message) and renders it with this template, in place of the processor's own. Its parts, from
-# families.format_prompt: T_* the family's chat turn around a text, I_* around an image + text.
-# No prompt, or an "in one word" one: that zero-shot prompt (§3.1), the sentence one for
-# anything with text; any other prompt is an MMEB instruction, put before the text in VLM2Vec's
-# raw format, its <|image_N|> tags swapped for the family's image placeholder RAW.
-ST_TEMPLATE = (
-    "{%- set ns = namespace(text=none, images=0, prompt=none, body='') -%}"
-    "{%- for m in messages -%}{%- for c in ([{'type': 'text', 'text': m.content}] if m.content "
-    "is string else m.content) -%}{%- if c.type == 'image' -%}{%- set ns.images = ns.images + 1"
-    " -%}"
-    "{%- elif c.type != 'text' or [ns.text, ns.prompt][m.role == 'system'] is not none -%}"
-    "{{- raise_exception('UniME embeds one text, one image, or both, under one prompt') -}}"
-    "{%- elif m.role == 'system' -%}{%- set ns.prompt = c.text -%}"
-    "{%- else -%}{%- set ns.text = c.text -%}{%- endif -%}{%- endfor -%}{%- endfor -%}"
-    "{%- set image = ns.images == 1 -%}{%- if ns.images > 1 or (ns.text is none and not image) -%}"
-    "{{- raise_exception('UniME embeds one text, one image, or both') -}}{%- endif -%}"
-    "{%- if ns.prompt is none or ns.prompt in [TEXT, IMAGE] -%}"
-    "{%- if ns.text is not none and not ns.text.strip() -%}"
-    "{{- raise_exception('empty text: every input needs some content to embed') -}}{%- endif -%}"
-    "{%- set words = ns.prompt or (TEXT if ns.text is not none else IMAGE) -%}"
-    "{{- [T_PRE, I_PRE][image] ~ (ns.text ~ '\\n' if ns.text is not none else '') ~ words"
-    " ~ [T_POST, I_POST][image] -}}{%- else -%}"
-    "{%- set parts = (ns.prompt ~ (' ' ~ ns.text if ns.text is not none else ''))"
-    ".split('<|image_') -%}"
-    "{%- set ns.body = parts[0] -%}{%- for p in parts[1:] -%}{%- set end = p.find('|>') -%}"
-    "{%- if end > 0 and p[:end].isdecimal() -%}{%- set ns.body = ns.body ~ RAW ~ p[end + 2:] -%}"
-    "{%- else -%}{%- set ns.body = ns.body ~ '<|image_' ~ p -%}{%- endif -%}{%- endfor -%}"
-    "{%- if image and RAW not in ns.body -%}{%- set ns.body = RAW ~ '\\n' ~ ns.body -%}"
-    "{%- endif -%}{%- if not image and (RAW in ns.body or not ns.body.strip()) -%}"
-    "{{- raise_exception('an MMEB input without an image needs text, and no image tag') -}}"
-    "{%- endif -%}{{- MMEB -}}{%- endif -%}")
 
 
 def sentence_transformers_template(family, processor):
-    """ST_TEMPLATE with this family's strings in it, checked against families.format_prompt."""
+    """assets/sentence-transformers.jinja after this family's strings, as `set` lines, checked
+    against families.format_prompt."""
     text, parts = "UNIME-TEXT-7f3a", {}
     for k, image in (("T", False), ("I", True)):
         prompt = families.format_prompt(family, text=text, image=image, processor=processor)
@@ -232,12 +135,9 @@ def sentence_transformers_template(family, processor):
             raise ValueError(f"its chat template changes the text it is given: {prompt!r}")
         parts.update({f"{k}_PRE": pieces[0], f"{k}_POST": pieces[1]})
     parts.update(TEXT=families.TEXT_INSTRUCTION, IMAGE=families.IMAGE_INSTRUCTION,
-                 RAW=families.FAMILIES[family]["raw"])
-    template = ST_TEMPLATE.replace("{{- MMEB -}}", "{{- ns.body -}}" if family != "llava_onevision"
-                                   else "{{- [T_PRE, I_PRE][image] ~ ns.body.replace(RAW ~ '\\n',"
-                                   " '').replace(RAW, '').strip() ~ [T_POST, I_POST][image] -}}")
-    template = re.sub(r"\b(?:[TI]_PRE|[TI]_POST|TEXT|IMAGE|RAW)\b", lambda name: json.dumps(
-        parts[name.group()], ensure_ascii=False), template)  # one pass: "<IMG_CONTEXT>" stays
+                 RAW=families.FAMILIES[family]["raw"], CHAT_MMEB=family == "llava_onevision")
+    template = "".join(f"{{%- set {name} = {json.dumps(value, ensure_ascii=False)} -%}}\n"
+                       for name, value in parts.items()) + asset("sentence-transformers.jinja")
     task = "Represent the given image with the following question:"
     for text, image, prompt in [(" a red\ncat ", 0, None), (None, 1, None), ("two dogs", 1, None),
                                 ("a cat", 0, "Find it:"), ("what?", 1, f"<|image_12|> {task}"),
@@ -265,9 +165,10 @@ def write_sentence_transformers(out, model, processor, family):
             raise ValueError("its remote code registers AutoModelForCausalLM only (sentence-"
                              "transformers loads AutoModel) and its processor takes one prompt "
                              "per call")
-        with open(os.path.join(out, "processor_config.json"), encoding="utf-8") as f:
-            saved = json.load(f).get("processor_class")
-        if not hasattr(transformers, str(saved)):  # AutoProcessor would give a bare tokenizer
+        # the class AutoProcessor builds from the files (transformers 4.x may write no
+        # processor_config.json); one transformers lacks would give a bare tokenizer
+        saved = processors.processor_class_name(out) or None
+        if not hasattr(transformers, str(saved)):
             raise ValueError(f"its processor is saved as {saved}, a class transformers does "
                              f"not have, and sentence-transformers would drop every image")
         template = sentence_transformers_template(family, processor)
@@ -296,17 +197,7 @@ def write_sentence_transformers(out, model, processor, family):
         with open(os.path.join(out, name), "w", encoding="utf-8") as f:
             json.dump(content, f, indent=1)
     with open(os.path.join(out, "README.md"), "a", encoding="utf-8") as f:
-        f.write(f"""
-## With sentence-transformers (>= {ST_VERSION}; no code of UniME's)
-```python
-from sentence_transformers import SentenceTransformer
-model = SentenceTransformer(FOLDER)
-vectors = model.encode(["a red circle", Image.open("circle.png"),
-                        {{"text": "what colour is it?", "image": Image.open("circle.png")}}])
-```
-No prompt, or `prompt_name="text"` / `"image"`: the "in one word" prompts; any other `prompt` is an
-MMEB instruction (VLM2Vec's raw format: `prompt="<|image_1|> Represent the given image ..."`).
-""")
+        f.write("\n" + asset("model-card-sentence-transformers.md").format(version=ST_VERSION))
 
 
 def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=False):
@@ -337,14 +228,10 @@ def export(run, out, dtype=torch.float32, overwrite=False, trust_remote_code=Fal
             write_adapter(os.path.join(folder, "adapter"),
                           *peft_adapter(loras, "adapter-base" if adapter_base else start))
         if adapter_base:
-            with savable(model, processor):
-                model.save_pretrained(os.path.join(folder, "adapter-base"))
-                processor.save_pretrained(os.path.join(folder, "adapter-base"))
+            stages.write_pretrained(os.path.join(folder, "adapter-base"), model, processor)
         for m in loras.values():
             m.merged()  # folds B A into m.base, the layer now in the model
-        with savable(model, processor):
-            model.save_pretrained(folder)
-            processor.save_pretrained(folder)
+        stages.write_pretrained(folder, model, processor)
         check_processor(folder, processor, family, trust_remote_code)
         with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(chain, root, family, processor, adapter_base))
@@ -375,9 +262,9 @@ def check_processor(folder, processor, family, trust_remote_code=False):
     image into the tensors the run's processor gives: an export never drops images (one that
     named a class transformers lacks gave users a bare tokenizer). They name the real class,
     and hold the video processor's config where the class has one: AutoProcessor builds the
-    whole processor wherever torchvision is installed (families.images_only)."""
+    whole processor wherever torchvision is installed (processors.images_only)."""
     from PIL import Image
-    again = families.load_processor(folder, family, trust_remote_code=trust_remote_code)
+    again = processors.load_processor(folder, family, trust_remote_code=trust_remote_code)
     row = dict(texts=["a red square"], images=[Image.new("RGB", (40, 28), (200, 30, 90))])
     ours, theirs = (families.process(p, family, **row) for p in (processor, again))
     if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):

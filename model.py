@@ -3,8 +3,8 @@
 The embedding of an input is the final-layer hidden state of its *last real token* under a
 summarizing prompt ("... Summary above image in one word:"), L2-normalized. Any Hugging Face
 image-text-to-text model of a family in families.py works; that file holds what differs
-between families (prompts, batching, truncation, image sizes, LoRA targets).
-What a stage of train.py writes, and how it loads back as one model: runs.py.
+between families (prompts, batching, truncation, image sizes, LoRA targets), processors.py how
+a family's processor loads. What a stage of train.py writes, and how it loads back: stages.py.
 """
 import math
 import os
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import data
 import families
+import processors
 
 
 # ---------------------------------------------------------------- loading any MLLM
@@ -45,8 +46,8 @@ def load_mllm(name_or_path, dtype=torch.float32, device="cpu", trust_remote_code
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     # Phi-3.5-V: at most 4 crops of 336 px per image, as UniME's MMEB evaluation runs it
     crops = {"num_crops": 4} if family == "phi3_v" else {}
-    processor = families.load_processor(name_or_path, family, trust_remote_code=trust_remote_code,
-                                        **crops)
+    processor = processors.load_processor(name_or_path, family,
+                                          trust_remote_code=trust_remote_code, **crops)
     return (model if load_in_4bit else model.to(device)), processor, family
 
 
@@ -224,8 +225,6 @@ def load_lora(model, state):
     model.load_state_dict(state, strict=False)
 
 
-
-
 def checkpoint_activations(model):
     """HF's gradient checkpointing (activation checkpointing from transformers 5.24), non-reentrant:
     its recomputation restores the RNG state, so LoRA dropout repeats, as GradCache needs."""
@@ -236,20 +235,24 @@ def checkpoint_activations(model):
 
 # ---------------------------------------------------------------- the Python API
 
-def embed_inputs(model, processor, family, inputs, batch_size=64, device="cpu", amp=None):
+def embed_inputs(model, processor, family, inputs, batch_size=64, device="cpu", amp=None,
+                 max_length=None, resolution=None):
     """[(text, image, instruction)] -> (n, d) L2-normalized float32 embeddings, in order, for a
     model from load_embedder (a stage output, an export or an HF id). `image` is a path or a PIL
-    image; any entry may be None. Without an instruction, text and images get the zero-shot
-    "in one word" prompts (§3.1); with one, the MMEB format, the text after the instruction."""
+    image, opened a batch at a time (resized by families.prepare_image to `resolution`); any
+    entry may be None. Without an instruction, text and images get the zero-shot "in one word"
+    prompts (§3.1); with one, the MMEB format, the text after the instruction (cut to
+    `max_length` tokens as the official pipeline cuts it)."""
     out = []
     for s in range(0, len(inputs), batch_size):
         texts, images, instructions = map(list, zip(*inputs[s:s + batch_size]))
         instructions = [ins if ins is None or t is None else f"{ins} {t}"
                         for t, ins in zip(texts, instructions)]
         texts = [t if ins is None else None for t, ins in zip(texts, instructions)]
-        images = [data.load_image(im) if im is not None else None for im in images]
+        images = [families.prepare_image(family, data.load_image(im), resolution)
+                  if im is not None else None for im in images]
         out.append(encode(model, processor, family, texts, images, instructions, batch_size,
-                          device, amp))
+                          device, amp, max_length))
     return torch.cat(out)
 
 

@@ -9,7 +9,6 @@ here: `--overwrite` replaces no other.
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -43,13 +42,12 @@ def run_config(args):
 
 
 def data_content(args):
-    """The data a run trains on, by content (train.py stores it in args.data_content): each
-    --data file's sha256 (stages.file_digest: read once, then remembered by the file's stat), so
-    --resume on edited files is refused. Rows later skipped for a broken image do not count:
-    a resume may add --skip-missing-images. None for the toy, whose rows follow from --seed."""
-    if not getattr(args, "data", None):
-        return None
-    return {p: stages.file_digest(p) for p in args.data.split(",") if os.path.isfile(p)}
+    """The data a run trains on, by content (train.py keeps it in args.data_content): each --data
+    file's sha256 (stages.file_digest), so --resume on edited files is refused; rows skipped for
+    a broken image do not count (a resume may add --skip-missing-images). None for the toy,
+    whose rows follow from --seed."""
+    return {p: stages.file_digest(p) for p in args.data.split(",") if os.path.isfile(p)} \
+        if getattr(args, "data", None) else None
 
 
 def save(out, model, opt, step, generator, config):
@@ -105,10 +103,10 @@ def load(out, model, opt, generator, config):
 
 
 def claim(args):
-    """Make --out this run's folder, deleting nothing: a new or empty folder, the folder of the
-    run being resumed, or with --overwrite an earlier run's folder (only its completion marker
-    goes, so it reads unfinished until this run ends). A file no run wrote (own_files) is never
-    replaced. A lock keeps a second run out."""
+    """Make --out this run's folder, deleting nothing: new or empty, the run being resumed, or
+    with --overwrite an earlier run's (only its completion marker goes: it reads unfinished
+    until this run ends). A file no run wrote (own_files) is never replaced; a lock keeps a
+    second run out."""
     out = os.path.realpath(args.out)
     chain, root = stages.stage_chain(args.model) if args.model else ([], None)
     built_on = [folder for folder, _ in chain] + [root]  # the model and every output before it
@@ -171,28 +169,25 @@ def record(out, names):
     known = recorded_files(out) or set()
     if not set(names) <= known:
         stages.save_atomic(os.path.join(out, MANIFEST),
-                      json.dumps({"files": sorted(known | set(names))}, indent=1))
+                           json.dumps({"files": sorted(known | set(names))}, indent=1))
 
 
 def own_files(out, present):
     """(the runs' files among `present`, the others). The runs' are those run-files.json names;
     a folder from an older version, without it, holds none. A symbolic link is never a run's:
     nothing is written through one."""
-    recorded, ours, foreign = recorded_files(out), [], []
+    recorded, ours, foreign = recorded_files(out) or (), [], []
     for f in present:
-        path = os.path.join(out, f)
-        mine = not os.path.islink(path) and (
-            f == MANIFEST or f in (recorded or ()))
+        mine = not os.path.islink(os.path.join(out, f)) and (f == MANIFEST or f in recorded)
         (ours if mine else foreign).append(f)
     return ours, foreign
 
 
-
 def save_output(out, model, processor, init, stage, family, lora):
-    """model.save_stage_output, each of its files recorded before it is in place."""
+    """stages.save_stage_output, each of its files recorded before it is in place."""
     record(out, ["adapter.pt", "unime.json"] if lora else ["unime.json"])
     stages.save_stage_output(out, model, processor, init, stage, family, lora,
-                        before_rename=lambda names: record(out, names))
+                             before_rename=lambda names: record(out, names))
 
 
 def take_lock(path, out):
@@ -249,13 +244,6 @@ def claimed(args):
         release(lock)
 
 
-def close_in_worker(lock, worker_id=None):
-    """A DataLoader worker is forked holding the run's lock file, and a worker outliving its
-    killed run (up to its 5 s watchdog) would keep --out locked: each closes its own copy."""
-    if lock is not None:
-        lock.close()
-
-
 def open_log(out, start):
     """log.jsonl for appending one JSON record per step, a line at a time (a kill tears at most
     the last line). On resume, what was logged after the checkpoint's step is dropped (those
@@ -300,10 +288,12 @@ def require_writable(folder, name):
 
 
 def worker_init(lock, worker_id=None):
-    """A DataLoader worker: drop the run's lock (close_in_worker) and leave SIGINT and SIGTERM
-    to the run, which finishes its step and saves (Cadence); a worker killed by them would make
-    the loader raise in the middle of that step. Workers end with the run."""
-    close_in_worker(lock, worker_id)
+    """A DataLoader worker, forked holding the run's lock file: it closes its own copy (a worker
+    outliving its killed run, up to its 5 s watchdog, would keep --out locked), and leaves
+    SIGINT and SIGTERM to the run, which finishes its step and saves (Cadence); a worker killed
+    by them would make the loader raise in the middle of that step. Workers end with the run."""
+    if lock is not None:
+        lock.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -311,8 +301,7 @@ def worker_init(lock, worker_id=None):
 def resume_command(argv):
     """The command that continues the run started with `argv` (train.py's arguments)."""
     argv = [a for a in argv if a != "--overwrite"]
-    return shlex.join(["python", "train.py", *argv] + ([] if "--resume" in argv else
-                                                       ["--resume"]))
+    return shlex.join(["python", "train.py", *argv] + ["--resume"] * ("--resume" not in argv))
 
 
 class Cadence:

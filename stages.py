@@ -4,6 +4,7 @@ model the stage started from), the chain of outputs (stage 2 -> stage 1 -> base)
 `stage_chain` walks and `load_embedder` loads as one model; and models known by the content of
 their files, so a changed or copied-and-edited model is never taken for another.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -15,8 +16,8 @@ import uuid
 
 import torch
 
-import families
 import model as M
+import processors
 
 TEMP = ".tmp-unime_{}_" + os.uname()[1].replace("_", "-") + "_"  # pid, host: remove_stale_temp
 
@@ -67,14 +68,61 @@ def save_atomic(path, obj):
 
 
 def save_pretrained(out, model, processor, before_rename=None):
-    """model's and processor's save_pretrained through save_atomic; nothing else in `out`.
-    before_rename gets the names written, before any is in place (a run records them)."""
+    """write_pretrained through save_atomic; nothing else in `out`. before_rename gets the
+    names written, before any is in place (a run records them)."""
     def fill(folder):
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+        write_pretrained(folder, model, processor)
         if before_rename:
             before_rename(os.listdir(folder))
     return save_atomic(out, fill)
+
+
+def write_pretrained(folder, model, processor):
+    """model's and processor's save_pretrained into `folder`, remote code's quirks (savable) too:
+    a full fine-tune's stage output and an export of Phi-3.5-V save as any model does."""
+    with savable(model, processor):
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+
+@contextlib.contextmanager
+def savable(model, processor):
+    """While `model` and `processor` are saved: a module registered under two names is saved
+    under its first only (Phi-3.5-V's `vision_embed_tokens.wte` IS `embed_tokens`: safetensors
+    refuses a tensor shared by two keys; the hub's checkpoint holds it once and the model's own
+    code links the second name again when it loads); a list of `_tied_weights_keys` (remote
+    code written for transformers 4) is given as the dict transformers 5 reads; a processor
+    whose own `__init__` skips ProcessorMixin's (Phi-3.5-V's) gets the attributes that one sets
+    and saving reads (`chat_template`; 4.x: `audio_tokenizer`), as None. Restored after."""
+    seen, aliases = set(), []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in seen and not any(name.startswith(f"{a}.") for a in aliases):
+            aliases.append(name)
+        seen.add(id(module))
+    parents = {}
+    for name in aliases:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        parents.setdefault(id(parent), (parent, dict(parent._modules)))
+        del parent._modules[child]
+    classes = [m for m in model.modules()
+               if isinstance(getattr(m, "_tied_weights_keys", None), list)]
+    for module in classes:
+        module._tied_weights_keys = dict.fromkeys(module._tied_weights_keys)
+    unset = [name for name in {"chat_template", *getattr(processor, "optional_attributes", [])}
+             if not hasattr(processor, name)]
+    for name in unset:
+        setattr(processor, name, None)
+    try:
+        yield model
+    finally:
+        for parent, modules in parents.values():
+            parent._modules.clear()
+            parent._modules.update(modules)
+        for module in classes:
+            del module._tied_weights_keys  # the class's list shows again
+        for name in unset:
+            delattr(processor, name)
 
 
 TEMP_NAME = re.compile(r"\.tmp-unime_(\d+)_([^_]+)_[a-z0-9_]{8}$")  # TEMP + mkstemp's
@@ -83,16 +131,14 @@ STALE_AFTER = 24 * 3600  # s: a temporary entry of another host untouched this l
 
 
 def remove_stale_temp(folder, locked=False):
-    """Remove from `folder` the temporary files and folders this project's writers
-    (save_atomic: files and folders) left when they were killed: names of
-    TEMP whose writer is no longer running on this host, or from another host
-    untouched for a day. With locked=True (a run folder whose lock this process holds: no one
-    else writes there) every one of them, older names included. Nothing else is touched: not
-    another program's file, not a write in progress. Called when the owner of a folder starts
-    (a run, the teacher pass, the image checks, an export)."""
-    entries = os.listdir(folder) if os.path.isdir(folder) else []
+    """Remove from `folder` the temporary files and folders save_atomic left when killed: TEMP
+    names whose writer no longer runs on this host, or of another host untouched for a day;
+    with locked=True (a run folder whose lock this process holds: no one else writes there)
+    every one, older names included. Not another program's file, not a write in progress.
+    Called when the owner of a folder starts (a run, the teacher pass, the image checks, an
+    export)."""
     here = TEMP.split("_")[2]  # this host
-    for name in entries:
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
         path, ours = os.path.join(folder, name), TEMP_NAME.match(name)
         if not (ours or locked and OLD_TEMP_NAME.match(name)):
             continue
@@ -109,18 +155,15 @@ def remove_stale_temp(folder, locked=False):
 
 
 def process_alive(pid):
-    """Whether process `pid` runs on this host; this process counts as dead (its own writers
-    remove their temporary files when they fail, so one with its number is a leftover of an
-    earlier process that had the same number)."""
-    if pid == os.getpid():
-        return False
+    """Whether process `pid` runs on this host; this one counts as dead (its writers remove their
+    own temporary files when they fail: one with its number is an earlier process's leftover)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's
-        return True
-    return True
+        pass
+    return pid != os.getpid()
 
 
 def last_touched(path):
@@ -155,11 +198,9 @@ def stage_chain(path):
     """The one walker of the chain: [(folder, unime.json)] from this stage output back to the
     first one, and the model the first one started from (an HF id or a model folder)."""
     chain, path = [], str(path)
-    meta = read_stage_meta(path)
-    while meta is not None:
+    while (meta := read_stage_meta(path)) is not None:
         chain.append((path, meta))
         path = stage_init(path, meta)
-        meta = read_stage_meta(path)
     return chain, path
 
 
@@ -186,14 +227,15 @@ def lora_base(path):
     return chain[:full], chain[full][0] if full < len(chain) else root
 
 
-def missing_base(path, meta):
-    """One line for a LoRA stage output moved or copied without the model it adapts (recorded
-    by a relative path), else None."""
+def require_base(path, meta):
+    """Stop in one line where a LoRA stage output was moved or copied without the model it
+    adapts (recorded by a relative path)."""
     init = stage_init(path, meta)
     if meta["init_is_local"] and not os.path.exists(init):
-        return (f"{path}: its adapter applies to {init} ({meta['init']!r} from the run), which "
-                f"is not there: copy that model along to {init}, or use an export of the run "
-                f"(python export.py RUN OUT, where the run was trained: it holds the merged model)")
+        raise SystemExit(f"{path}: its adapter applies to {init} ({meta['init']!r} from the "
+                         f"run), which is not there: copy that model along to {init}, or use "
+                         f"an export of the run (python export.py RUN OUT, where the run was "
+                         f"trained: it holds the merged model)")
 
 
 def require_model(path, trust_remote_code=False, family=None):
@@ -203,15 +245,14 @@ def require_model(path, trust_remote_code=False, family=None):
     from transformers import AutoConfig
     adapters, base = lora_base(path)
     for folder, meta in adapters:
-        if missing_base(folder, meta):
-            raise SystemExit(missing_base(folder, meta))
+        require_base(folder, meta)
         family = family or meta["family"]
     try:
         config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise SystemExit(M.missing_model(base, e)) from None
-    families.load_processor(base, family or getattr(config, "model_type", None),
-                            trust_remote_code=trust_remote_code)
+    processors.load_processor(base, family or getattr(config, "model_type", None),
+                              trust_remote_code=trust_remote_code)
 
 
 def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_code=False,
@@ -228,9 +269,8 @@ def load_embedder(path_or_id, device="cpu", dtype=torch.float32, trust_remote_co
         raise SystemExit(f"{base} is an unfinished training run (a checkpoint but no "
                          f"unime.json): finish it with train.py --resume --out {base}")
     for folder, meta in adapters:
+        require_base(folder, meta)
         init = stage_init(folder, meta)
-        if missing_base(folder, meta):
-            raise SystemExit(missing_base(folder, meta))
         require_same_model(init, meta["init_identity"], f"{folder}: its adapter was trained on "
                            f"{init}")
     family = family or (top and top["family"])

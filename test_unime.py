@@ -27,7 +27,7 @@ from toy import shapes
 import stages
 import toy.default
 import train
-from conftest import gradcache_step, unit
+from conftest import gradcache_step, random_lora_b, unit
 
 
 def scene_images(scenes, seed=0):
@@ -540,11 +540,7 @@ def adapted_tiny(tiny_path, dropout, include_vision=False):
     model, processor, family = M.load_mllm(tiny_path)
     M.inject_lora(model, families.lora_targets(model, family, include_vision), r=4, alpha=8,
                   dropout=dropout)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, M.LoRALinear):
-                m.lora_B.normal_(std=0.1)
-    return model, processor, family
+    return random_lora_b(model), processor, family
 
 
 def text_chunks(processor, family, texts, size):

@@ -3,9 +3,9 @@
   python train.py --stage 1   # §3.2 textual discriminative knowledge distillation (Eq. 2)
   python train.py --stage 2   # §3.3 hard-negative enhanced instruction tuning (Eq. 3-4)
 
-Without --model, a stage runs the embedded default (toy/default.py: a tiny pretrained LLaVA, the shapes
-world, the all-MiniLM-L6-v2 teacher). With --model, --data is the paper's data: SimCSE's NLI
-file (stage 1) or MMEB-train subsets (stage 2); --preset paper sets the paper's hyperparameters
+Without --model, a stage runs the embedded default (toy/default.py: a tiny pretrained LLaVA, the
+shapes world, the all-MiniLM-L6-v2 teacher). With --model, --data is the paper's data: SimCSE's
+NLI file (stage 1) or MMEB-train subsets (stage 2); --preset paper sets its hyperparameters
 (§4.1, Table 6). Several GPUs: the same command under torchrun; --batch-size stays global.
 """
 import contextlib
@@ -54,20 +54,12 @@ def batch_rows(step, n_rows, batch_size, seed):
     return order[i * batch_size:(i + 1) * batch_size].tolist()
 
 
-def pair_input(stage, row, side):
-    """(text, image, instruction) of one side of a pair: stage 1 embeds a sentence under the
-    "in one word" prompt (§3.2); stage 2 embeds MMEB's own prompt text and image (§3.3)."""
-    if stage == 1:
-        return row[side], None, None
-    return None, row[f"{side}_image"], row[side]
-
-
 class StepBatches(torch.utils.data.Dataset):
     """Item `step` = this rank's share of that step's global batch, ready for the model: per
-    side, chunks of one modality, tokenized with their images decoded and resized (padding per
-    chunk). Stage-2 rows are MMEB's: its raw format, cut to the family's official max_len
-    (families.py). DataLoader workers prepare the next steps while the current one trains; the
-    inputs stay on the CPU until their chunk's forward."""
+    side, chunks of one modality, tokenized, images decoded and resized, padded per chunk;
+    stage-2 rows in MMEB's raw format cut to the family's official max_len (families.py).
+    DataLoader workers prepare the next steps while one trains; inputs stay on the CPU until
+    their chunk's forward."""
 
     def __init__(self, args, source, processor, family, rank, world):
         self.args, self.source, self.processor, self.family = args, source, processor, family
@@ -88,10 +80,11 @@ class StepBatches(torch.utils.data.Dataset):
         rows = self.source["rows"](ids)
         sides = {}
         for side in SIDES[a.stage] + (("hard_neg",) if a.hard_negatives else ()):
-            inputs = [pair_input(a.stage, r, side) for r in rows]
-            if a.stage == 1:  # each sentence cut to --max-text-tokens: memory stays bounded
-                texts = distill.cut_texts(self.processor, [x[0] for x in inputs], a.max_text_tokens)
-                inputs = [(t, None, None) for t in texts]
+            if a.stage == 1:  # §3.2's sentence, cut to --max-text-tokens: memory stays bounded
+                inputs = [(t, None, None) for t in distill.cut_texts(
+                    self.processor, [r[side] for r in rows], a.max_text_tokens)]
+            else:  # MMEB's own prompt text and image (§3.3)
+                inputs = [(None, r[f"{side}_image"], r[side]) for r in rows]
             sides[side] = [(idx, M.process(
                 self.processor, self.family, [inputs[i][0] for i in idx],
                 [self.image(inputs[i][1]) if inputs[i][1] else None for i in idx],
@@ -205,8 +198,12 @@ def train_step(args, step, model, opt, batch, targets, generator, world, device,
     elif args.loss == "unime":  # Eq. 4 over the k hardest negatives (Eq. 3) the filter leaves
         loss, stats = hardneg.hardneg_loss(e["qry"], e["pos"], args.k, args.beta, args.tau,
                                            args.negatives, generator, return_stats=True)
-    else:  # NOT UniME: the losses it is compared with
-        loss, stats = baseline_loss(args, e["qry"], e["pos"])
+    elif args.loss == "masked-infonce":  # NOT UniME: the batch minus the β mask (VLM2Vec: none)
+        loss, stats = hardneg.masked_infonce_loss(e["qry"], e["pos"], args.beta, args.tau,
+                                                  return_stats=True)
+    else:  # NOT UniME: LLaVE's, every negative weighted by e^(α·sim), both directions averaged
+        loss, stats = hardneg.hardness_weighted_loss(e["qry"], e["pos"], args.alpha, args.beta,
+                                                     args.tau, return_stats=True)
     (loss * world).backward()  # d loss / d embedding, for every row of the batch
     gradcache_backward(model, batch["sides"], reps, states, device, amp)
     params = [p for group in opt.param_groups for p in group["params"]]
@@ -222,16 +219,6 @@ def train_step(args, step, model, opt, batch, targets, generator, world, device,
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, grad_norm, stats
-
-
-def baseline_loss(args, q, c):
-    """Not UniME: --loss masked-infonce (every in-batch negative but the β mask; one term of
-    Qwen3-Embedding's denominator, with --beta inf VLM2Vec's InfoNCE) or hardness-weighted
-    (LLaVE: every negative weighted by e^(α·sim), both directions averaged)."""
-    if args.loss == "masked-infonce":
-        return hardneg.masked_infonce_loss(q, c, args.beta, args.tau, return_stats=True)
-    return hardneg.hardness_weighted_loss(q, c, args.alpha, args.beta, args.tau,
-                                          return_stats=True)
 
 
 # ---------------------------------------------------------------- the loop

@@ -150,10 +150,6 @@ def train_once(out, argv):
     return record
 
 
-def _one_thread_each(threads):
-    torch.set_num_threads(threads)  # the pool's runs share the cores instead of fighting
-
-
 def _train_logged(out, argv):
     """train_once in a pool process, its output in <out>.log instead of interleaved."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -175,10 +171,10 @@ def train_all(runs, jobs):
     if jobs == 1 or len(todo) < 2:
         return sum(train_once(out, argv)["cpu_s"] or 0.0 for out, argv in todo)
     failed, cpu = [], 0.0
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)  # the runs share the cores, not fight
     with concurrent.futures.ProcessPoolExecutor(
             jobs, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_one_thread_each, initargs=(threads,)) as pool:
+            initializer=torch.set_num_threads, initargs=(threads,)) as pool:
         started = {pool.submit(_train_logged, out, argv): out for out, argv in todo}
         print(f"{time.strftime('%H:%M:%S')} training {len(todo)} runs, {jobs} at a time "
               f"(each one's output in <run>.log)", flush=True)

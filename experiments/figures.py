@@ -24,7 +24,6 @@ from PIL import Image, ImageDraw
 import data
 import eval as ev
 import model as M
-import runs
 from toy import shapes
 import stages
 import toy.default

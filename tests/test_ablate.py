@@ -280,12 +280,12 @@ def test_k_grid_cells_are_the_runs_own_scores_the_a_a_pair_starts_equal_and_runs
     assert list(results) == ["k = 4", aa_k, aa_whole]
     folders = {"k = 4": "k/k4", aa_k: "k/k7", aa_whole: "losses/masked-infonce"}
     import eval as ev
-    import model as M
+    import stages
     for label, folder in folders.items():
         for i, seed in enumerate((0, 1)):
             out = tmp_path / f"{folder}-s{seed}"
             # each cell is that run's model scored anew, and its logged false-negative share
-            model, processor, family = M.load_embedder(str(out), "cpu")
+            model, processor, family = stages.load_embedder(str(out), "cpu")
             scores = small(ev.make_encoder(model.eval(), processor, family, device="cpu"))
             for metric in ablate.METRICS:
                 assert results[label][metric][i] == pytest.approx(scores[metric], abs=1e-9)
@@ -314,7 +314,7 @@ def test_k_grid_cells_are_the_runs_own_scores_the_a_a_pair_starts_equal_and_runs
 def test_parallel_runs_each_log_to_their_own_file_and_a_failure_names_its_run(tmp_path):
     # two runs in two processes whose command lines train.py refuses: both are reported by
     # folder, each one's message is in its own <run>.log, and nothing is recorded as finished
-    runs = [(str(tmp_path / name), ["--stage", "2", "--k", "0", "--loss", loss])
+    runs = [(str(tmp_path / name), ["--stage", "2", "--k", "2", "--loss", loss])
             for name, loss in (("a", "masked-infonce"), ("b", "hardness-weighted"))]
     with pytest.raises(SystemExit) as failed:
         ablate.train_all(runs, jobs=2)

@@ -18,7 +18,7 @@ import distill
 import model as M
 import toy.default
 import train
-from conftest import gradcache_step
+from conftest import gradcache_step, random_lora_b
 
 
 def refused(capsys, argv):
@@ -124,10 +124,7 @@ def test_grad_clip_0_clips_nothing_and_still_logs_the_norm(tiny_path):
                                   k=2, beta=0.1, tau=0.02, negatives="hard", grad_clip=clip,
                                   out="o")
         train.add_trainable(model, family, args)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, M.LoRALinear):
-                    m.lora_B.normal_(std=0.1)
+        random_lora_b(model)
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
         batch = {"sides": {"qry": [([0, 1, 2, 3], M.process(processor, family, texts=texts))],
@@ -260,11 +257,7 @@ def lora_model(path, dropout, dtype=torch.float32):
     model, processor, family = M.load_mllm(path, dtype=dtype)
     args = argparse.Namespace(stage=2, lora_r=4, lora_alpha=8, lora_dropout=dropout)
     train.add_trainable(model, family, args)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, M.LoRALinear):
-                m.lora_B.normal_(std=0.1)
-    return model, processor, family
+    return random_lora_b(model), processor, family
 
 
 def mixed_sides(processor, family):

@@ -266,10 +266,10 @@ def test_an_export_embeds_an_image_as_its_run_does_or_refuses(name, tmp_path):
     out = export.main([run, str(tmp_path / "export")])
     assert processor_classes_named(out) == {EXPORT_FAMILIES[name]}
     image = [(None, str(tmp_path / "0.png"), None), ("colour 1", str(tmp_path / "1.png"), None)]
-    on_run, on_export = (M.embed_inputs(*M.load_embedder(path), image) for path in (run, out))
+    on_run, on_export = (M.embed_inputs(*stages.load_embedder(path), image) for path in (run, out))
     torch.testing.assert_close(on_export, on_run, atol=1e-5, rtol=0)
-    model, processor, family = M.load_embedder(out)
+    model, processor, family = stages.load_embedder(out)
     with pytest.raises(ValueError, match=f"the {name} processor given is a .*cannot take images"):
         M.embed_inputs(model, processor.tokenizer, family, image)
     rename_processor_class(out, f"{EXPORT_FAMILIES[name]}ImagesOnly")
-    one_line_exit(lambda: M.load_embedder(out), name, "export the run again")
+    one_line_exit(lambda: stages.load_embedder(out), name, "export the run again")

@@ -59,7 +59,7 @@ def stage_output(folder, init):
     for m in model.modules():
         if isinstance(m, M.LoRALinear):
             m.lora_B.data = 0.1 * torch.randn(m.lora_B.shape, generator=g)
-    M.save_stage_output(str(folder), model, processor, init, 2, family, lora)
+    stages.save_stage_output(str(folder), model, processor, init, 2, family, lora)
     return str(folder)
 
 

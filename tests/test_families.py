@@ -5,7 +5,7 @@ targets. test_family_runs.py trains and evaluates each of them.
     pytest -q tests/test_families.py
 
 Each checkpoint is built offline, saved as a hub checkpoint is and loaded back by path with
-`model.load_mllm`, as a downloaded one is (processors through `families.load_processor`, which
+`model.load_mllm`, as a downloaded one is (processors through `processors.load_processor`, which
 copes without torchvision); Phi-3.5-V's folder holds remote code written here with the hub's
 contract (tiny_phi3_v.py, phi3_v_remote/) and loads with trust_remote_code, as a download does.
 Expected strings are written out by hand from the official code's format.
@@ -23,6 +23,7 @@ from transformers import AutoProcessor
 
 import families
 import model as M
+import processors
 import tiny_backbones as tiny
 import tiny_phi3_v
 
@@ -437,7 +438,7 @@ def test_video_families_load_images_only_without_torchvision(name, tmp_path):
     download = build_checkpoint(name, tmp_path)
     with pytest.raises(ImportError, match="[Tt]orchvision"):
         AutoProcessor.from_pretrained(download)
-    processor = families.load_processor(download, name)
+    processor = processors.load_processor(download, name)
     assert isinstance(processor, hub_class(download))
     assert type(processor).__name__ == hub_class(download).__name__
     assert "video_processor" not in vars(processor)
@@ -453,14 +454,14 @@ def test_a_saved_processor_names_the_real_class_and_keeps_the_video_config(name,
     AutoProcessor builds from them the real processor, video processor as the download's."""
     from transformers.video_processing_utils import BaseVideoProcessor
     download, saved = build_checkpoint(name, tmp_path), str(tmp_path / "saved")
-    processor = families.images_only(hub_class(download)).from_pretrained(download)
+    processor = processors.images_only(hub_class(download)).from_pretrained(download)
     processor.save_pretrained(saved)  # what model.save_pretrained calls
     assert processor_classes_named(saved) == {hub_class(download).__name__}
     read = lambda folder: {k: v for k, v in  # noqa: E731
                            BaseVideoProcessor.get_video_processor_dict(folder)[0].items()
                            if k != "processor_class"}
     assert read(saved) == read(download)
-    again = families.load_processor(saved, name)
+    again = processors.load_processor(saved, name)
     assert type(again).__name__ == hub_class(download).__name__
     row = dict(texts=[None, TEXTS[0]], images=tiny.images())
     for key, value in families.process(processor, name, **row).items():
@@ -497,11 +498,11 @@ def test_a_processor_that_cannot_take_images_is_refused_in_one_line(tmp_path):
     path = build_checkpoint("qwen2_vl", tmp_path)
     rename_processor_class(path, "Qwen2VLProcessorImagesOnly")
     assert isinstance(AutoProcessor.from_pretrained(path), transformers.PreTrainedTokenizerBase)
-    one_line_exit(lambda: families.load_processor(path, "qwen2_vl"), "qwen2_vl",
+    one_line_exit(lambda: processors.load_processor(path, "qwen2_vl"), "qwen2_vl",
                   "Qwen2VLProcessorImagesOnly", "export the run again")
     rename_processor_class(path, "Qwen2VLProcessor")
     os.remove(os.path.join(path, "preprocessor_config.json"))
-    one_line_exit(lambda: families.load_processor(path, "qwen2_vl"), "qwen2_vl",
+    one_line_exit(lambda: processors.load_processor(path, "qwen2_vl"), "qwen2_vl",
                   "preprocessor_config.json")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     with pytest.raises(ValueError, match="qwen2_vl processor given is a .* cannot take images"):
@@ -519,7 +520,7 @@ def test_a_processor_import_that_needs_torchvision_names_it_in_one_line(tmp_path
     tiny.write_json(tmp_path / "processor_config.json", {
         "processor_class": "RemoteProcessor",
         "auto_map": {"AutoProcessor": "processing_remote.RemoteProcessor"}})
-    one_line_exit(lambda: families.load_processor(str(tmp_path), "phi3_v",
+    one_line_exit(lambda: processors.load_processor(str(tmp_path), "phi3_v",
                                                   trust_remote_code=True),
                   "phi3_v", "pip install torchvision")
 
@@ -531,12 +532,12 @@ def test_smolvlm_is_built_or_refused_in_one_line(tmp_path):
     if TORCHVISION:
         pytest.skip("torchvision is installed")
     if TRANSFORMERS_5:
-        processor = families.load_processor(build_checkpoint("smolvlm", tmp_path), "smolvlm")
+        processor = processors.load_processor(build_checkpoint("smolvlm", tmp_path), "smolvlm")
         assert type(processor).__name__ == "SmolVLMProcessor" and processor.image_seq_len == 4
         return
     path = build_checkpoint("idefics3", tmp_path)  # SmolVLM's files, but for the class names
     rename_processor_class(path, "SmolVLMProcessor", image_processor_type="SmolVLMImageProcessor")
-    one_line_exit(lambda: families.load_processor(path, "smolvlm"), "smolvlm",
+    one_line_exit(lambda: processors.load_processor(path, "smolvlm"), "smolvlm",
                   "pip install torchvision")
 
 

@@ -19,7 +19,6 @@ import pytest
 import torch
 from PIL import Image
 
-import config
 import distill
 import eval as ev
 import model as M

@@ -126,6 +126,31 @@ def test_the_model_clamps_input_ids_in_place_and_shares_its_embedding(phi, tmp_p
         processor.save_pretrained(tmp_path / "plain")
 
 
+def test_a_full_fine_tunes_stage_output_saves_and_loads_back(phi, tmp_path):
+    """--lora-r 0 writes the whole model as the stage output (stages.save_stage_output), which
+    the plain save_pretrained of the test above cannot: it saves, loads back with load_embedder
+    and embeds an image row and a text row as the model in memory does (a weight moved, as
+    training moves it, so the base's own embeddings would not pass); the model it saved still
+    has its shared embedding and its class's list of tied keys."""
+    model, processor, family = M.load_mllm(phi, trust_remote_code=True)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    args = dict(images=[Image.new("RGB", (336, 336), (0, 90, 200)), None],
+                instructions=[ROW, "Find me an everyday image: a red cat"])
+    ours = M.encode(model.eval(), processor, family, **args)
+    out = tmp_path / "stage2-full"
+    stages.save_stage_output(str(out), model, processor, phi, 2, family, None)
+    assert model.model.vision_embed_tokens.wte is model.model.embed_tokens
+    assert type(model)._tied_weights_keys == ["lm_head.weight"] and \
+        "_tied_weights_keys" not in vars(model)
+    again, again_processor, again_family = stages.load_embedder(str(out), trust_remote_code=True)
+    assert again_family == "phi3_v"
+    assert again.model.vision_embed_tokens.wte is again.model.embed_tokens
+    torch.testing.assert_close(M.encode(again.eval(), again_processor, again_family, **args), ours)
+    base = M.encode(M.load_mllm(phi, trust_remote_code=True)[0].eval(), processor, family, **args)
+    assert (base - ours).abs().max() > 1e-3
+
+
 def test_preset_paper_reads_the_family_without_running_remote_code(phi, tmp_path):
     """--preset paper on the folder is Phi-3.5-V's row of Table 6 (config.json's model_type)."""
     args = config.resolve(config.parse_args(["--stage", "2", "--preset", "paper", "--model", phi,

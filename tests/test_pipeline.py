@@ -24,6 +24,7 @@ import eval as ev
 import families
 from experiments import figures
 import model as M
+import processors
 from toy import shapes
 import stages
 import toy.default
@@ -545,7 +546,7 @@ def test_toy_prompts_are_the_ones_its_pretraining_taught(pretrained_path):
     """toy/mllm learned its one-word answers after LLaVA-1.5's "USER: ... ASSISTANT:"
     turn (toy.pretrain.TEMPLATE); its processor has no chat template, so families.py must give
     exactly that turn, and the toy's stage-2 retrieval rows must carry it whole."""
-    processor = families.load_processor(pretrained_path)
+    processor = processors.load_processor(pretrained_path)
     assert families.format_prompt("llava", image=True, processor=processor) == \
         "USER: <image>\nSummary above image in one word: ASSISTANT:"
     assert families.format_prompt("llava", text="a red circle", processor=processor) == \

@@ -15,7 +15,7 @@ import torch.nn as nn
 import transformers
 from PIL import Image
 
-import families
+import processors
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -98,7 +98,8 @@ def tokenizer(specials, bos=False, fast_class="PreTrainedTokenizerFast", **attri
     input, as Llama, Mistral, Gemma and Phi tokenizers do; Qwen's add nothing. `fast_class`: the
     class the checkpoint names, for processors of transformers 4.x that check it (Qwen-VL's);
     transformers 5 builds every tokenizer.json alike."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing  # not the project's processors.py
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<s>", "</s>", "<unk>"] + specials
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -108,8 +109,7 @@ def tokenizer(specials, bos=False, fast_class="PreTrainedTokenizerFast", **attri
         vocab_size=300, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     if bos:
-        bpe.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                           special_tokens=[("<s>", 1)])
+        bpe.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     # saved right-padded on purpose: the code under test must pad on the left itself
     tokenizer_class = PreTrainedTokenizerFast if V5 else getattr(transformers, fast_class)
     return tokenizer_class(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
@@ -153,7 +153,7 @@ def save(path, model, processor, video_processor=None):
     preprocessor_config.json, as it warns."""
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    # the transformers class, not a test-side subclass (families.images_only builds some here)
+    # the transformers class, not a test-side subclass (processors.images_only builds some here)
     name = next(c.__name__ for c in type(processor).__mro__ if c.__module__.startswith("transf"))
     files = {f: os.path.join(path, f"{f}.json") for f in
              ("processor_config", "preprocessor_config", "video_preprocessor_config")}
@@ -244,7 +244,7 @@ def build_llava_onevision(path, vision_use_head=False):
         video_token_index=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
         vision_feature_layer=-1, vision_feature_select_strategy="full")
     torch.manual_seed(0)
-    processor = families.images_only(LlavaOnevisionProcessor)(
+    processor = processors.images_only(LlavaOnevisionProcessor)(
         image_processor=pil("LlavaOnevisionImageProcessor")(
             size={"height": img, "width": img}, image_grid_pinpoints=pinpoints),
         tokenizer=tok, video_processor=None, num_image_tokens=(img // patch) ** 2,
@@ -303,7 +303,7 @@ def build_qwen_vl(path, family="qwen2_vl"):
         **_qwen_ids(tok))
     torch.manual_seed(0)
     processor_class = "Qwen3VLProcessor" if prefix.startswith("Qwen3") else f"{prefix}Processor"
-    processor = families.images_only(getattr(transformers, processor_class))(
+    processor = processors.images_only(getattr(transformers, processor_class))(
         image_processor=_qwen_image_processor(4), tokenizer=tok, video_processor=None,
         chat_template=TEMPLATES[template])
     model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
@@ -344,7 +344,7 @@ def build_smolvlm(path):
         text_config=LlamaConfig(**text_config(tok)),
         image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=scale)
     torch.manual_seed(0)
-    processor = families.images_only(SmolVLMProcessor)(
+    processor = processors.images_only(SmolVLMProcessor)(
         image_processor=pil("SmolVLMImageProcessor")(size={"longest_edge": 2 * img},
                                                      max_image_size={"longest_edge": img}),
         tokenizer=tok, video_processor=None, image_seq_len=(img // patch) ** 2 // scale ** 2,
@@ -396,7 +396,7 @@ def build_internvl(path):
         text_config=Qwen2Config(**text_config(tok)),
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=tokens)
     torch.manual_seed(0)
-    processor = families.images_only(InternVLProcessor)(
+    processor = processors.images_only(InternVLProcessor)(
         image_processor=pil("GotOcr2ImageProcessor")(size={"height": img, "width": img},
                                                      crop_to_patches=True, max_patches=3),
         tokenizer=tok, image_seq_length=tokens, chat_template=TEMPLATES["internvl"])

@@ -1,22 +1,22 @@
 """Speed and memory: what GradCache, the embedding path, a training step and scoring cost, and
 this GradCache step against the one most people run (sentence-transformers' cached loss).
 
-    python -m tools.bench                       # 2 CPU cores: minutes -> a markdown table, bench.json
-    python -m tools.bench --quick               # every section at toy sizes (a smoke run)
-    python -m tools.bench --gpu --seconds 300   # one GPU: stage 2 at batch 1,024, Qwen2-VL-2B size
+    python -m tools.bench                      # 2 CPU cores, minutes: a markdown table, bench.json
+    python -m tools.bench --quick              # every section at toy sizes (a smoke run)
+    python -m tools.bench --gpu --seconds 300  # one GPU: stage 2 at batch 1,024, Qwen2-VL-2B size
 
 Every figure is a ratio or a curve measured within one run (what is compared runs in turns), so
 it holds on a noisy machine. Models are built from their config with random weights (speed and
-memory do not depend on what a model learned), except the toy: the shipped toy/mllm.
-Peak memory on the CPU is every tensor allocation and free the profiler records, summed in time
-order, above what existed before: the tensors a GPU would hold (gradients, activations and the
+memory do not depend on what a model learned), except the toy: the shipped toy/mllm. Peak
+memory on the CPU is every tensor allocation and free the profiler records, summed in time
+order, above what existed before: the tensors a GPU would hold (gradients, activations, the
 saved graph, embeddings). Peak RSS would mix in Python objects, images and the allocator's
 cache, and never goes down within a process.
 """
 import argparse
+import functools
 import json
 import os
-import statistics
 import tempfile
 import time
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from tools import bench_step
+from tools.bench_step import alternate, mb, peak_memory
 import distill
 import families
 import model as M
@@ -41,37 +42,6 @@ SIZES = {  # (full run, --quick)
     # the peer: LLaVA (vision, text widths, layers, image px, patch), batch, chunk, repeats
     "peer": (((256, 256, 2, 64, 16), 32, 8, 3), ((32, 32, 1, 32, 16), 8, 4, 1))}
 GPU_PEER = ((1024, 1536, 1, 336, 28), 256, 32, 3)  # --gpu: real widths, one layer each
-
-
-# ---------------------------------------------------------------- measuring
-
-def peak_memory(fn):
-    """(fn(), peak bytes of CPU tensors allocated while fn ran, above those before it)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        out = fn()
-    now = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results
-                            .events() if e.name() == "[memory]"):
-        now += nbytes
-        peak = max(peak, now)
-    return out, peak
-
-
-def alternate(fns, repeat, warm=True):
-    """Median seconds of each function, run in turns (a, b, a, b, ...) so that a change of load
-    hits all alike; after one unmeasured round if `warm`."""
-    times = {name: [] for name in fns}
-    for r in range(repeat + warm):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name] += [time.perf_counter() - t] if r or not warm else []
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def mb(nbytes):
-    return round(nbytes / 2**20, 1)
 
 
 # ---------------------------------------------------------------- GradCache (§4.1)
@@ -103,10 +73,8 @@ def gradcache_setup(path, lora, n, chunk):
     def plain():  # the whole batch in one forward with a graph, padded to its longest row
         loss_fn({k: M.embed(model, b) for k, b in whole.items()})[0].backward()
 
-    def cached():  # GradCache as train.train_step runs it (§4.1)
-        reps, states = train.gradcache_embed(model, chunks, "cpu", None)
-        loss_fn(reps)[0].backward()
-        train.gradcache_backward(model, chunks, reps, states, "cpu", None)
+    def cached():
+        bench_step.gradcache_step(model, chunks, loss_fn)
     return model, chunks, grads, plain, cached
 
 
@@ -198,7 +166,7 @@ def embedding_path(s):
 # ---------------------------------------------------------------- the peer's GradCache
 
 def peer_cached_loss(spec, tmp, device="cpu"):
-    """train.gradcache_step with Eq. 4 against sentence-transformers' own GradCache loss,
+    """bench_step.gradcache_step with Eq. 4 against sentence-transformers' own GradCache loss,
     CachedMultipleNegativesRankingLoss (CMNRL), on one SentenceTransformer (an untrained LLaVA
     written out as export.py writes one, LoRA r16 on every linear layer): the same rows (an
     image under an MMEB instruction -> a caption), batch and chunk size, fp32. Time per step and
@@ -241,34 +209,24 @@ def peer_cached_loss(spec, tmp, device="cpu"):
     shim = types.SimpleNamespace(model=net)  # M.embed reads model.model
     losses = {}
 
-    def step(name):
-        def run():
-            net.zero_grad(set_to_none=True)
-            if name == "peer":
-                loss = peer([{k: v.to(device) if torch.is_tensor(v) else v for k, v in f.items()}
-                             for f in theirs], None)
-                loss.backward()
-            else:
-                loss = train.gradcache_step(shim, ours, lambda r: (hardneg.hardneg_loss(
-                    r["qry"], r["pos"], k=8, beta=0.1, tau=0.02) if name == "eq4" else
-                    hardneg.masked_infonce_loss(r["qry"], r["pos"], None, 1 / peer.scale), {}),
-                    device, None)[0]
-            if device != "cpu":
-                torch.cuda.synchronize(device)
-            losses[name] = float(loss.detach())
-            return torch.cat([p.grad.flatten() for p in params]).cpu()
-        return run
-    steps = {name: step(name) for name in ("eq4", "infonce", "peer")}
-    t = alternate(steps, repeat)
-    mem = {}
-    for name, fn in steps.items():
-        if device == "cpu":
-            mem[name] = mb(peak_memory(fn)[1])
+    def step(name):  # -> the step's flat gradients
+        net.zero_grad(set_to_none=True)
+        if name == "peer":
+            loss = peer([{k: v.to(device) if torch.is_tensor(v) else v for k, v in f.items()}
+                         for f in theirs], None)
+            loss.backward()
         else:
-            before = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            fn()
-            mem[name] = mb(torch.cuda.max_memory_allocated(device) - before)
+            loss = bench_step.gradcache_step(shim, ours, lambda r: (hardneg.hardneg_loss(
+                r["qry"], r["pos"], k=8, beta=0.1, tau=0.02) if name == "eq4" else
+                hardneg.masked_infonce_loss(r["qry"], r["pos"], None, 1 / peer.scale), {}),
+                device, None)[0]
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+        losses[name] = float(loss.detach())
+        return torch.cat([p.grad.flatten() for p in params]).cpu()
+    steps = {name: functools.partial(step, name) for name in ("eq4", "infonce", "peer")}
+    t = alternate(steps, repeat)
+    mem = {name: mb(peak_memory(fn, device)[1]) for name, fn in steps.items()}
     got, ref = steps["infonce"](), steps["peer"]()
     p = {"device": torch.cuda.get_device_name(device) if device != "cpu" else "cpu", "batch": n,
          "chunk": chunk, "width": [vw, tw], "layers": layers, "image_px": px,

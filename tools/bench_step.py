@@ -1,4 +1,5 @@
-"""How fast a UniME training step runs, and where its time goes (tools/bench.py prints it).
+"""How fast a UniME training step runs, and where its time goes (tools/bench.py prints it); the
+measuring helpers every section of tools/bench.py uses (peak memory, timings in turns).
 
 On the CPU: train.py's loop over real inputs (the toy; a LLaVA at real widths on text pairs and
 on JPEG files), timed in parts (image decoding, processor, forward, backward, loss, gradient
@@ -99,6 +100,40 @@ def jpeg_rows(folder, n):
     return rows
 
 
+def peak_memory(fn, device="cpu"):
+    """(fn(), peak bytes of tensors allocated while fn ran, above those before it): on the CPU
+    from the profiler's record (tools/bench.py's docstring says why), on a GPU CUDA's own."""
+    if device != "cpu":
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return fn(), torch.cuda.max_memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        out = fn()
+    now = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results
+                            .events() if e.name() == "[memory]"):
+        now += nbytes
+        peak = max(peak, now)
+    return out, peak
+
+
+def alternate(fns, repeat, warm=True):
+    """Median seconds of each function, run in turns (a, b, a, b, ...) so that a change of load
+    hits all alike; after one unmeasured round if `warm`."""
+    times = {name: [] for name in fns}
+    for r in range(repeat + warm):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name] += [time.perf_counter() - t] if r or not warm else []
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def mb(nbytes):
+    return round(nbytes / 2**20, 1)
+
+
 def timed(clock, name, f):
     """f, adding its seconds to clock[name] (clock None: f itself)."""
     def run(*a, **k):
@@ -108,6 +143,16 @@ def timed(clock, name, f):
         finally:
             clock[name] = clock.get(name, 0.0) + time.perf_counter() - t
     return f if clock is None else run
+
+
+def gradcache_step(model, sides, loss_fn, device="cpu", amp=None):
+    """GradCache's three steps (§4.1) around loss_fn({side: (n, d)}) -> (loss, stats), as
+    train.train_step runs them around the stage's loss (one process, no optimizer step)."""
+    reps, states = train.gradcache_embed(model, sides, device, amp)
+    loss, stats = loss_fn(reps)
+    loss.backward()
+    train.gradcache_backward(model, sides, reps, states, device, amp)
+    return loss.detach(), stats
 
 
 def run_steps(args, source, model, processor, family, workers, steps, clock=None):

@@ -16,7 +16,6 @@ from toy import shapes
 from toy.default import SPLIT_SEED, TASKS, stage2_row, text_pairs
 
 
-
 def score(embed, n=200, n_candidates=50, model="the model"):
     """The toy's held-out scenes (never trained on), scored like the paper's benchmarks with
     eval.py's metrics, in percent: MMEB-style hit@1 (mean of four sets: classification, VQA,
