@@ -307,15 +307,9 @@ def files_under(folder, links=False):
 
 
 def exported_paths(manifest):
-    """The files an export wrote, as its export.json names them. Older exports listed the top
-    level only: their adapter/ holds PEFT's two files, their adapter-base/ the model's files."""
+    """The files an export wrote, as its export.json names them."""
     with open(manifest, encoding="utf-8") as f:
-        made = json.load(f)
-    if "paths" in made:
-        return set(made["paths"])
-    top = [name for name in made["files"] if name not in ("adapter", "adapter-base")]
-    return set(top) | {f"adapter/{name}" for name in ADAPTER_FILES} | {
-        f"adapter-base/{name}" for name in top}
+        return set(json.load(f)["paths"])
 
 
 def require_finite_weights(model, run):

@@ -59,7 +59,7 @@ def missing_model(name, error, what="model"):
         return f"no such folder: {name} (the {what}); check the path"  # not a hub id's problem
     return (f"cannot load {what} {name!r}: {str(error).strip().splitlines()[0]} Offline, pass "
             f"a local folder (save_pretrained) or set HF_HOME to a cache that holds it; "
-            f"remote-code models also need --trust-remote-code.")
+            f"remote-code models also need trust_remote_code (--trust-remote-code).")
 
 
 def precision(device, dtype="auto"):
