@@ -129,8 +129,8 @@ def parse_args(argv=None):
       "are computed (default under runs/cache)")
     a("--eval-pairs", type=int, help="stage 1: held-out pairs for agreement")
     a("--hard-negatives", action="store_true", help="stage 1: NLI hard_neg as extra columns")
-    a("--max-text-tokens", type=int, help="stage 1: each sentence cut to this many tokens, its "
-      "middle removed, for the student and the teacher alike (default 128; the paper gives none)")
+    a("--max-text-tokens", type=int, help="stage 1: each sentence cut at its end to this many "
+      "tokens, for the student and the teacher alike (default 128; the paper gives none)")
     a("--kd-direction", choices=["teacher-student", "student-teacher", "symmetric"],
       help="stage 1: the KL of Eq. 2 (default teacher-student; symmetric = the mean of both, "
            "UniME-V2's)")
