@@ -10,9 +10,9 @@ Prompts (families.py): MMEB inputs are MMEB's own text in the official pipeline'
 cut to the family's max_len, images at the family's evaluation size (--image-size); the
 zero-shot benchmarks use the "in one word" prompts in the chat template, images as they are.
 
-    python eval.py --task mmeb --data MMEB-eval/*.jsonl --image-root MMEB-eval/images
-    python eval.py --task retrieval --data coco.jsonl --image-root coco --max-captions 5
-    python eval.py --task sugarcrepe --image-root coco/val2017   # the 7 splits in assets/
+    python eval.py --model M --task mmeb --data MMEB-eval/*.jsonl --image-root MMEB-eval/images
+    python eval.py --model M --task retrieval --data coco.jsonl --image-root coco --max-captions 5
+    python eval.py --model M --task sugarcrepe --image-root coco/val2017   # 7 splits in assets/
 """
 import argparse
 import functools
