@@ -101,14 +101,16 @@ def rows_of(table, batch_size):
 
 def comparisons(table, names):
     """(row, row it is compared with) by name: the A/A pair first, then the paper's claims for
-    Table 3, else every other row against the paper's setting (β = 0.1, k = 8, Eq. 4)."""
+    Table 3, else the other rows against the paper's setting (β = 0.1, k = 8, Eq. 4): in the k
+    table k = all too, in the losses table the whole batch too."""
     a_a = [(names[-1], names[-2])]  # whole batch - Eq. 4 with k = all
     if table == "stages":
         return a_a + [("stage1", "none"), ("stage2", "none"), (PAPER, "stage2"),
                       (PAPER, "stage1")]
     reference = "beta0.1" if table == "beta" else PAPER
     reference = reference if reference in names else names[0]  # k = 8 needs a batch of 10
-    return a_a + [(name, reference) for name in names[:-2] if name != reference]
+    rows = {"beta": names[:-2], "k": names[:-1], "losses": names[:-2] + names[-1:]}[table]
+    return a_a + [(name, reference) for name in rows if name != reference]
 
 
 # ---------------------------------------------------------------- runs, reused when finished
@@ -276,6 +278,10 @@ def quickstart(args):
         print(f"\n{stage}: seeds {args.seeds}\n\n" + ev.markdown_table(
             ["held-out", f"seed {args.seeds[0]}", "mean ± sd", "min–max"],
             [(key, *spread(v)) for key, v in numbers.items()]))
+    M.save_atomic(os.path.join(args.root, "quickstart.json"), json.dumps({
+        "seeds": args.seeds, "results": results, "runs": {
+            out: {k: train_once(out, argv)[k] for k in ("argv", "train_s", "cpu_s")}
+            for runs in (s1, s2) for out, argv in runs.values()}}, indent=1))
     return results
 
 
@@ -311,11 +317,13 @@ def main(argv=None):
     if args.batch_size < 3:
         raise SystemExit("--batch-size must be at least 3: k = all is batch - 1 negatives")
     rows = rows_of(args.table, args.batch_size)
-    cpu = train_all([stage1_run(args.root, r[2], s, budget, args.device) for r in rows
-                     for s in args.seeds if r[2] is not None], args.jobs)
-    cpu += train_all([run for r in rows for s in args.seeds if
-                      (run := stage2_run(args.root, args.table, r, s, budget, args.device))],
-                     args.jobs)
+    stage1 = [stage1_run(args.root, r[2], s, budget, args.device) for r in rows
+              for s in args.seeds if r[2] is not None]
+    cpu = train_all(stage1, args.jobs)
+    stage2 = [run for r in rows for s in args.seeds
+              if (run := stage2_run(args.root, args.table, r, s, budget, args.device))]
+    cpu += train_all(stage2, args.jobs)
+    every_run = dict(stage1 + stage2)
     columns = METRICS if args.table == "stages" else ("false-negative share",) + METRICS
     results = {}
     for row in rows:
@@ -338,6 +346,8 @@ def main(argv=None):
         "table": args.table, "seeds": args.seeds, "budget": budget, "jobs": args.jobs,
         "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
         "duplicates": DUPLICATES if args.table == "beta" else 0.0, "results": results,
+        "runs": {out: {k: train_once(out, argv)[k] for k in ("train_s", "cpu_s")}
+                 for out, argv in every_run.items()},  # each run's cost when it was trained
         "differences": {f"{a} − {b}": {c: dict(zip(("mean", "half_width"), paired(
             results[a][c], results[b][c]))) for c in columns} for a, b in pairs}},
         indent=1))

@@ -110,6 +110,14 @@ def test_every_table_compares_rows_that_exist_and_k_runs_the_papers_4_to_all():
             assert a in names and b in names and a != b
     assert [r[1] for r in ablate.rows_of("k", 64)] == [
         "k4", ablate.PAPER, "k16", "k32", "k/k63", "losses/masked-infonce"]
+    # against the paper's k = 8: k = 4, 16, 32 and all (Table 5's 64); the whole batch against
+    # Eq. 4 in the losses table; each A/A partner once more in its own pair
+    k = ablate.comparisons("k", [r[1] for r in ablate.rows_of("k", 64)])
+    assert k[1:] == [("k4", ablate.PAPER), ("k16", ablate.PAPER), ("k32", ablate.PAPER),
+                     ("k/k63", ablate.PAPER)]
+    losses = ablate.comparisons("losses", [r[1] for r in ablate.rows_of("losses", 64)])
+    assert ("losses/masked-infonce", ablate.PAPER) in losses
+    assert ("k/k63", ablate.PAPER) not in losses and len(losses) == 6
     # the paper's setting is one run, whichever table asks for it
     paper = [r[1:] for table in ("stages", "k", "losses") for r in ablate.rows_of(table, 64)
              if r[1] == ablate.PAPER]
@@ -301,7 +309,8 @@ def test_k_grid_cells_are_the_runs_own_scores_the_a_a_pair_starts_equal_and_runs
     assert f"| A/A, noise only: {aa_whole} − {aa_k} |" in printed
     saved = json.load(open(tmp_path / "k.json"))
     assert saved["results"] == results and saved["budget"]["steps"] == 2
-    assert set(saved["differences"]) == {f"{aa_whole} − {aa_k}"}
+    assert set(saved["differences"]) == {f"{aa_whole} − {aa_k}", f"{aa_k} − k = 4"}
+    assert saved["runs"][str(tmp_path / "k/k7-s0")]["cpu_s"] > 0  # each run's cost is kept
     # a second call trains nothing and prints the same table
     stamp = {f: os.path.getmtime(tmp_path / f"{f}-s0" / "unime.json") for f in folders.values()}
     assert ablate.main(argv) == results
