@@ -347,4 +347,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # left to interpreter shutdown, gloo's threads can abort the process (SIGABRT)
+        if dist.is_initialized():
+            dist.destroy_process_group()
