@@ -69,7 +69,8 @@ def cut_texts(tokenizer, texts, max_tokens):
     """Each text cut at its end to `max_tokens` tokens of `tokenizer` (a processor's; special
     tokens and the prompt around it not counted), as a tokenizer's truncation=True cuts. The
     paper sets no limit for stage 1; without one, one 3,000-word row made one step of a tiny
-    MLLM take 5 GB and 53 s. The student and the teacher cut by this rule, each counting its own tokens."""
+    MLLM take 5 GB and 53 s. The student and the teacher cut by this rule, each counting its
+    own tokens."""
     tokenizer, out = getattr(tokenizer, "tokenizer", tokenizer), list(texts)
     for i, text in enumerate(out if max_tokens else []):
         if len(text.encode()) <= max_tokens:  # a token holds at least a byte: short enough
